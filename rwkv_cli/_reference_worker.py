@@ -1,0 +1,52 @@
+"""Runs BlinkDL's `rwkv` package (the reference engine) in a child process, for parity tests.
+
+The reference reads its configuration from environment variables at import time (RWKV_V7_ON
+selects the RWKV-7 class, so one process cannot run both families); `rwkv_cli.testing` therefore
+starts this module with the right environment:
+
+    python -m rwkv_cli._reference_worker JOBS.json
+
+Each job: {"checkpoint", "strategy", "prompt": [ids], "steps": [ids], "out": path.safetensors}.
+The output holds `prompt.logits`, `steps.logits` [S, V], and the reference's state list after the
+prompt and after the steps as `prompt.state.{j}` / `steps.state.{j}` (pip order, §9).
+"""
+
+import json
+import sys
+
+import torch
+
+
+def run_job(job: dict) -> None:
+    from safetensors.torch import save_file
+
+    from rwkv.model import RWKV  # the reference; RWKV_V7_ON decides which class this is
+
+    ckpt = job["checkpoint"]
+    model = RWKV(model=ckpt[: -len(".pth")], strategy=job["strategy"])
+    out = {}
+    logits, state = model.forward(list(job["prompt"]), None)
+    out["prompt.logits"] = logits.float().clone()
+    for j, t in enumerate(state):
+        out[f"prompt.state.{j}"] = t.float().clone()
+    step_logits = []
+    for token in job["steps"]:
+        logits, state = model.forward([token], state)
+        step_logits.append(logits.float().clone())
+    if step_logits:
+        out["steps.logits"] = torch.stack(step_logits)
+        for j, t in enumerate(state):
+            out[f"steps.state.{j}"] = t.float().clone()
+    save_file({k: v.contiguous() for k, v in out.items()}, job["out"])
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    torch.set_grad_enabled(False)
+    for job in jobs:
+        run_job(job)
+
+
+if __name__ == "__main__":
+    main()

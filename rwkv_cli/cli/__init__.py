@@ -1,0 +1,54 @@
+"""The `rwkv` command: a thin Typer layer over the Python API.
+
+Nothing heavy is imported here: each command imports torch and the engine when it runs, so
+`rwkv --help` and shell completion start instantly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import __version__
+
+app = typer.Typer(
+    name="rwkv",
+    help="Run RWKV language models from the terminal.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rwkv-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run RWKV language models from the terminal."""
+
+
+from . import info  # noqa: E402,F401  (registers commands)
+
+
+def main() -> None:
+    """Console entry point: RWKV errors become one line on stderr and exit code 1."""
+    from ..errors import RWKVError
+
+    try:
+        app()
+    except RWKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("[interrupted]", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,251 @@
+"""Architecture detection and configuration, inferred from tensor names and shapes only.
+
+Everything here works on a `{name: shape}` map, without torch, so tools can describe a checkpoint
+from a safetensors header alone. The rules follow the reference notes (`rwkv-models.md` §3-§5):
+the version comes from tell-tale tensors, and every size (layers, width, heads, head size, vocab,
+LoRA ranks, FFN width) from shapes, never from file names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import CheckpointError, UnsupportedModelError
+
+Shapes = dict[str, tuple[int, ...]]
+
+SUPPORTED_VERSIONS = ("4", "7")
+VERSION_NAMES = {
+    "4": "RWKV-4",
+    "5.0": "RWKV-5.0",
+    "5.1": "RWKV-5.1",
+    "5.2": "RWKV-5.2 (Eagle)",
+    "6": "RWKV-6 (Finch)",
+    "7": "RWKV-7 (Goose)",
+    "7a": "RWKV-7a (DeepEmbed)",
+    "7b": "RWKV-7b (DeepEmbed + DEA attention)",
+}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+V7_LORAS = ("w", "a", "v", "g")  # decay, in-context learning rate, value residual, output gate
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of an RWKV model. `n_head`/`head_size` are 0 for RWKV-4, which has no heads."""
+
+    version: str
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    ffn_dim: int
+    dim_att: int
+    n_head: int = 0
+    head_size: int = 0
+    lora: dict[str, int] = field(default_factory=dict)  # v7 LoRA ranks by name (w, a, v, g)
+
+    @property
+    def name(self) -> str:
+        return VERSION_NAMES[self.version]
+
+    @property
+    def tokenizer(self) -> str:
+        """Tokenizer family by vocabulary rows (`rwkv-models.md` §13.3)."""
+        if self.vocab_size == 65536:
+            return "world"
+        if self.vocab_size in (50277, 50304):
+            return "gpt-neox-20b"
+        return "unknown"
+
+    def state_numel(self) -> int:
+        """Numbers in the recurrent state of one sequence (§9)."""
+        if self.version == "4":
+            return self.n_layer * (2 * self.n_embd + 3 * self.dim_att)
+        return self.n_layer * (2 * self.n_embd + self.n_head * self.head_size**2)
+
+    def describe(self) -> str:
+        heads = f", {self.n_head} heads x {self.head_size}" if self.n_head else ""
+        return f"{self.name}: {self.n_layer} layers, width {self.n_embd}{heads}, vocab {self.vocab_size}"
+
+
+def detect_layout(names: set[str]) -> str:
+    """Which naming scheme the file uses; only BlinkDL names are loaded directly for now."""
+    if "emb.weight" in names or any(n.startswith("blocks.") for n in names):
+        return "blinkdl"
+    if any(n.startswith("rwkv.") for n in names):
+        return "hf-transformers"
+    if any(n.startswith("model.layers.") or n.startswith("model.embeddings") for n in names):
+        return "fla-hub"
+    if any(n.startswith("rwkv7.") for n in names):
+        return "transformers-rwkv7"
+    if any(n.startswith("blk.") for n in names):
+        return "gguf"
+    return "unknown"
+
+
+_LAYOUT_MESSAGES = {
+    "hf-transformers": "Hugging Face transformers layout (rwkv.blocks.N...) is recognised but not supported "
+    "yet; use the original BlinkDL .pth file",
+    "fla-hub": "fla-hub RWKV-7 layout (model.layers.N.attn...) is recognised but not supported yet; "
+    "use the original BlinkDL .pth file",
+    "transformers-rwkv7": "transformers RWKV-7 layout (rwkv7.*) is recognised but not supported yet; "
+    "use the original BlinkDL .pth file",
+    "gguf": "llama.cpp GGUF tensor names (blk.N.*) are not supported; use the original BlinkDL .pth file",
+}
+
+
+def detect_version(shapes: Shapes) -> str:
+    """The RWKV version from tell-tale tensors (§3), in the documented order. Raises for non-models."""
+    names = set(shapes)
+    layout = detect_layout(names)
+    if layout in _LAYOUT_MESSAGES:
+        raise UnsupportedModelError(_LAYOUT_MESSAGES[layout])
+    if layout == "unknown":
+        sample = ", ".join(sorted(names)[:4]) or "no tensors"
+        raise CheckpointError(f"not an RWKV checkpoint: no emb.weight / blocks.N tensors (found {sample})")
+    pre = sorted(n for n in names if n in ("_strategy", "_version", "_rescale_layer"))
+    if pre:
+        raise UnsupportedModelError(
+            f"pre-converted ChatRWKV file ({pre[0]} present): its weights are already transposed and "
+            "rescaled; use the original .pth file"
+        )
+    if "blocks.0.att.r_k" in names or "blocks.0.att.a0" in names:
+        if any(n.endswith("ffn.s_emb.weight") for n in names):
+            raise UnsupportedModelError(_refusal("7a", "ffn.s_emb.weight"))
+        if any(re.match(r"^blocks\.\d+\.qkv\.", n) for n in names):
+            raise UnsupportedModelError(_refusal("7b", "blocks.N.qkv.*"))
+        return "7"
+    if "blocks.0.att.time_maa_x" in names:
+        raise UnsupportedModelError(_refusal("6", "att.time_maa_x"))
+    decay = shapes.get("blocks.0.att.time_decay", ())
+    if len(decay) == 2 and decay[1] > 1:
+        raise UnsupportedModelError(_refusal("5.2", "2-D att.time_decay"))
+    if "blocks.0.att.gate.weight" in names:
+        raise UnsupportedModelError(_refusal("5.1", "att.gate.weight"))
+    if "blocks.0.att.ln_x.weight" in names:
+        raise UnsupportedModelError(_refusal("5.0", "att.ln_x"))
+    return "4"
+
+
+def _refusal(version: str, marker: str) -> str:
+    return (
+        f"{VERSION_NAMES[version]} checkpoint ({marker} present) is recognised but not supported yet; "
+        f"supported: {', '.join(VERSION_NAMES[v] for v in SUPPORTED_VERSIONS)}"
+    )
+
+
+def _layers(names) -> int:
+    ids = [int(m.group(1)) for n in names if (m := _BLOCK.match(n))]
+    if not ids:
+        raise CheckpointError("no blocks.N.* tensors: not an RWKV checkpoint")
+    return max(ids) + 1
+
+
+def _need(shapes: Shapes, name: str, ndim: int) -> tuple[int, ...]:
+    if name not in shapes:
+        raise CheckpointError(f"missing tensor {name}")
+    shape = shapes[name]
+    if len(shape) != ndim:
+        raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {ndim} dimensions")
+    return shape
+
+
+def infer_config(shapes: Shapes) -> ModelConfig:
+    """Detect the version and read every size from tensor shapes (§4)."""
+    version = detect_version(shapes)
+    vocab, n_embd = _need(shapes, "emb.weight", 2)
+    n_layer = _layers(shapes)
+    dim_att = _need(shapes, "blocks.0.att.key.weight", 2)[0]
+    ffn_dim = _need(shapes, "blocks.0.ffn.key.weight", 2)[0]
+    if version == "4":
+        return ModelConfig("4", n_layer, n_embd, vocab, ffn_dim, dim_att)
+    n_head, head_size = _need(shapes, "blocks.0.att.r_k", 2)
+    lora = {}
+    for name in V7_LORAS:
+        # Layer 0 has no value-residual LoRA in current files (§5), so read ranks from the last layer.
+        key = f"blocks.{n_layer - 1}.att.{name}1"
+        lora[name] = shapes[key][1] if key in shapes and len(shapes[key]) == 2 else 0
+    if n_layer > 1 and lora["v"] == 0:
+        raise CheckpointError(f"missing tensor blocks.{n_layer - 1}.att.v1")
+    return ModelConfig("7", n_layer, n_embd, vocab, ffn_dim, dim_att, n_head, head_size, lora)
+
+
+def expected_shapes(cfg: ModelConfig) -> tuple[Shapes, set[str]]:
+    """Every tensor a checkpoint of this config must hold, with its shape, plus tolerated extras."""
+    C, A, F, V = cfg.n_embd, cfg.dim_att, cfg.ffn_dim, cfg.vocab_size
+    vec = (1, 1, C)
+    want: Shapes = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,)}
+    optional: set[str] = set()
+    for i in range(cfg.n_layer):
+        b, att, ffn = f"blocks.{i}.", f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        for ln in ("ln1", "ln2"):
+            want[b + ln + ".weight"] = want[b + ln + ".bias"] = (C,)
+        if cfg.version == "4":
+            want[att + "time_decay"] = want[att + "time_first"] = (A,)
+            for m in ("k", "v", "r"):
+                want[att + f"time_mix_{m}"] = vec
+            for m in ("key", "value", "receptance"):
+                want[att + m + ".weight"] = (A, C)
+            want[att + "output.weight"] = (C, A)
+            want[ffn + "time_mix_k"] = want[ffn + "time_mix_r"] = vec
+            want[ffn + "receptance.weight"] = (C, C)
+        else:
+            H, N = cfg.n_head, cfg.head_size
+            for m in ("r", "w", "k", "v", "a", "g"):
+                want[att + f"x_{m}"] = vec
+            for name in V7_LORAS:
+                rank = cfg.lora[name]
+                target = optional if (name == "v" and i == 0) else None
+                shapes = {att + f"{name}1": (C, rank), att + f"{name}2": (rank, C)}
+                if name != "g":
+                    shapes[att + f"{name}0"] = vec
+                if target is not None:  # layer 0's value residual is never used; accept it if present
+                    optional.update(shapes)
+                else:
+                    want.update(shapes)
+            want[att + "k_k"] = want[att + "k_a"] = vec
+            want[att + "r_k"] = (H, N)
+            for m in ("receptance", "key", "value"):
+                want[att + m + ".weight"] = (A, C)
+            want[att + "output.weight"] = (C, A)
+            want[att + "ln_x.weight"] = want[att + "ln_x.bias"] = (A,)
+            want[ffn + "x_k"] = vec
+        want[ffn + "key.weight"] = (F, C)
+        want[ffn + "value.weight"] = (C, F)
+        optional.add(att + "time_state")  # a state-tuned initial state embedded in the model (§12)
+    want.update({"ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)})
+    return want, optional
+
+
+def _same_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    # Vectors stored as [C], [1, C] or [1, 1, C] are the same parameter.
+    if got == want:
+        return True
+    squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731
+    return len(want) == 3 and squeeze(got) == squeeze(want) and len(squeeze(want)) == 1
+
+
+def validate(shapes: Shapes, cfg: ModelConfig) -> None:
+    """Raise a CheckpointError that lists missing, unexpected and mis-shaped tensors."""
+    want, optional = expected_shapes(cfg)
+    missing = [n for n in want if n not in shapes]
+    unexpected = [n for n in shapes if n not in want and n not in optional]
+    wrong = [
+        f"{n} {list(shapes[n])} (expected {list(want[n])})"
+        for n in want
+        if n in shapes and not _same_shape(shapes[n], want[n])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_short(missing)}")
+    if wrong:
+        problems.append(f"mis-shaped: {_short(wrong)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_short(unexpected)}")
+    if problems:
+        raise CheckpointError(f"does not look like a complete {cfg.name} checkpoint: " + "; ".join(problems))
+
+
+def _short(items: list[str], limit: int = 4) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -1,0 +1,118 @@
+"""The engine's Python API: load a checkpoint onto a device and run prompts and steps on it.
+
+    model = load_model("RWKV-x070-World-0.1B.pth", device="cpu", dtype="fp32")
+    logits, state = model.forward([[1, 2, 3]])          # prefill, B = 1
+    logits, state = model.forward([[int(logits.argmax())]], state)   # one RNN step
+
+The CLI, tests and benchmarks all go through this module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import ModelConfig
+from .errors import NonFiniteError, RWKVError
+from .models import model_class
+from .state import State
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Prompts are fed in chunks of this many tokens: memory stays bounded for any prompt length.
+DEFAULT_PREFILL_CHUNK = 256
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RWKVError("--device cuda was requested, but no CUDA GPU is available to PyTorch")
+    if dev.type not in ("cpu", "cuda"):
+        raise RWKVError(f"unsupported device {device!r} (use cpu or cuda)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise RWKVError(f"unsupported dtype {dtype} (use fp32, bf16 or fp16)")
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise RWKVError(f"unsupported dtype {dtype!r} (use auto, fp32, bf16 or fp16)")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Model:
+    """A loaded RWKV model: `forward` for prompts and steps, `zero_state` for new sequences."""
+
+    cfg: ModelConfig
+    net: object  # the per-version module (models/rwkv4.py, models/rwkv7.py)
+    path: Path
+    load_seconds: float
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    def zero_state(self, batch_size: int = 1) -> State:
+        return self.net.zero_state(batch_size)
+
+    def forward(self, tokens, state: State | None = None, full_output: bool = False):
+        """Run B sequences of T tokens: tokens [B, T] (a tensor or nested lists; a flat list is B = 1).
+
+        Returns fp32 logits [B, V] after the last token ([B, T, V] with full_output) and the new
+        state. Prompts longer than `prefill_chunk` are processed chunk by chunk, carrying the state.
+        """
+        tokens = self._as_batch(tokens)
+        if state is None:
+            state = self.zero_state(tokens.shape[0])
+        elif state.batch_size != tokens.shape[0]:
+            raise ValueError(f"state holds {state.batch_size} sequences but {tokens.shape[0]} were given")
+        outs = []
+        for t0 in range(0, tokens.shape[1], self.prefill_chunk):
+            logits, state = self.net.forward(tokens[:, t0 : t0 + self.prefill_chunk], state, full_output)
+            outs.append(logits)
+        logits = torch.cat(outs, 1) if full_output else outs[-1]
+        logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            hint = " (fp16 overflow? try --dtype bf16 or fp32)" if self.dtype == torch.float16 else ""
+            raise NonFiniteError(f"the model produced non-finite logits{hint}")
+        return logits, state
+
+    def _as_batch(self, tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            if len(tokens) == 0:
+                raise ValueError("no tokens given")
+            if isinstance(tokens[0], int):
+                tokens = [tokens]
+            tokens = torch.tensor(tokens, dtype=torch.long)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {list(tokens.shape)}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+        return tokens.to(self.device)
+
+
+def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Model:
+    """Load a checkpoint (BlinkDL .pth or safetensors) for inference on `device` in `dtype`."""
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    cfg, tensors = load_checkpoint(path)
+    net = model_class(cfg.version)(cfg, tensors, dt, dev)
+    return Model(cfg, net, Path(path), time.perf_counter() - t0)

@@ -1,0 +1,17 @@
+"""Errors that reach the user as one clear line (the CLI prints `error: <message>` and exits 1)."""
+
+
+class RWKVError(Exception):
+    """Base class: the message is complete and user-facing; no traceback is shown for it."""
+
+
+class CheckpointError(RWKVError):
+    """A file that cannot be used as a checkpoint: wrong format, truncated, missing or mis-shaped tensors."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """A recognised RWKV variant or layout that this version does not run (yet)."""
+
+
+class NonFiniteError(RWKVError):
+    """The model produced NaN or infinite logits (usually fp16 overflow)."""

@@ -1,0 +1,139 @@
+"""RWKV-7 "Goose": time-mix with a delta-rule matrix state, and a gate-free channel-mix.
+
+Equations follow `rwkv-models.md` §7.4 (numbers in comments are its steps), which match BlinkDL's
+`rwkv` 0.8.32 `RWKV_x070` and RWKV-LM's `rwkv_v7_numpy.py`. Shapes: B batch, T time, C width,
+H heads of N channels (C = H * N).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import linear
+from ..state import RWKV7LayerState, State
+from ..wkv import wkv7_sequence, wkv7_step
+from .common import RWKVBase, WeightLoader, token_shift
+
+# Decay d = exp(-e^-0.5 * sigmoid(z)) lies in (0.545, 1): log d = -e^-0.5 * sigmoid(z)  (step 3)
+DECAY_SCALE = math.exp(-0.5)
+MIX_ORDER = ("r", "k", "v", "w", "a", "g")  # token-shift mixes, stacked in this order
+
+
+@dataclass
+class Layer7:
+    ln1: tuple
+    ln2: tuple
+    mix: torch.Tensor  # [6, 1, 1, C]  mu for r, k, v, w, a, g
+    W_r: torch.Tensor  # [C, C] and friends: [out, in]
+    W_k: torch.Tensor
+    W_v: torch.Tensor
+    W_o: torch.Tensor
+    w0: torch.Tensor  # [C] fp32
+    w1: torch.Tensor  # [D_w, C]  LoRA down, [out, in]
+    w2: torch.Tensor  # [C, D_w]  LoRA up
+    a0: torch.Tensor
+    a1: torch.Tensor
+    a2: torch.Tensor
+    v0: torch.Tensor | None  # value residual: absent in layer 0
+    v1: torch.Tensor | None
+    v2: torch.Tensor | None
+    g1: torch.Tensor
+    g2: torch.Tensor
+    k_k: torch.Tensor  # [C]
+    k_a: torch.Tensor  # [C]
+    r_k: torch.Tensor  # [H, N]
+    ln_x: tuple  # GroupNorm affine, fp32
+    ffn_mix: torch.Tensor  # [C]
+    ffn_key: torch.Tensor  # [F, C]
+    ffn_value: torch.Tensor  # [C, F]
+
+
+class RWKV7(RWKVBase):
+    def _load_blocks(self, w: WeightLoader) -> None:
+        C = self.cfg.n_embd
+        lora_t = lambda name: w(name).t().contiguous()  # noqa: E731  checkpoint stores [in, out]
+        self.layers = []
+        for i in range(self.cfg.n_layer):
+            att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+            has_v = i > 0
+            self.layers.append(
+                Layer7(
+                    ln1=(w(f"blocks.{i}.ln1.weight"), w(f"blocks.{i}.ln1.bias")),
+                    ln2=(w(f"blocks.{i}.ln2.weight"), w(f"blocks.{i}.ln2.bias")),
+                    mix=w.stack([att + f"x_{m}" for m in MIX_ORDER], (1, 1, C)),
+                    W_r=w(att + "receptance.weight"),
+                    W_k=w(att + "key.weight"),
+                    W_v=w(att + "value.weight"),
+                    W_o=w(att + "output.weight"),
+                    w0=w.fp32(att + "w0", (C,)),
+                    w1=lora_t(att + "w1"),
+                    w2=lora_t(att + "w2"),
+                    a0=w(att + "a0", shape=(C,)),
+                    a1=lora_t(att + "a1"),
+                    a2=lora_t(att + "a2"),
+                    v0=w(att + "v0", shape=(C,)) if has_v else None,
+                    v1=lora_t(att + "v1") if has_v else None,
+                    v2=lora_t(att + "v2") if has_v else None,
+                    g1=lora_t(att + "g1"),
+                    g2=lora_t(att + "g2"),
+                    k_k=w(att + "k_k", shape=(C,)),
+                    k_a=w(att + "k_a", shape=(C,)),
+                    r_k=w(att + "r_k"),
+                    ln_x=(w.fp32(att + "ln_x.weight"), w.fp32(att + "ln_x.bias")),
+                    ffn_mix=w(ffn + "x_k", shape=(C,)),
+                    ffn_key=w(ffn + "key.weight"),
+                    ffn_value=w(ffn + "value.weight"),
+                )
+            )
+
+    def blocks(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        new_layers = []
+        v_first = None
+        for lw, st in zip(self.layers, state.layers):
+            dx, att_shift, wkv, v_first = self.time_mix(lw, x, st, v_first)
+            x = x + dx
+            dx, ffn_shift = self.channel_mix(lw, x, st)
+            x = x + dx
+            new_layers.append(RWKV7LayerState(att_shift, wkv, ffn_shift))
+        return x, State("7", new_layers)
+
+    def time_mix(self, lw: Layer7, x, st: RWKV7LayerState, v_first):
+        B, T, C = x.shape
+        H, N = self.cfg.n_head, self.cfg.head_size
+        xx = F.layer_norm(x, (C,), *lw.ln1)
+        # 1. token shift: x_m = x + (prev - x) * mu_m, all six at once -> [6, B, T, C]
+        xr, xk, xv, xw, xa, xg = torch.addcmul(xx, token_shift(xx, st.att_shift) - xx, lw.mix).unbind(0)
+        # 2-5. projections, decay (fp32), in-context learning rate, output gate
+        r, k, v = linear(xr, lw.W_r), linear(xk, lw.W_k), linear(xv, lw.W_v)
+        log_decay = -DECAY_SCALE * torch.sigmoid(lw.w0 + linear(torch.tanh(linear(xw, lw.w1)), lw.w2).float())
+        a = torch.sigmoid(lw.a0 + linear(linear(xa, lw.a1), lw.a2))
+        g = linear(torch.sigmoid(linear(xg, lw.g1)), lw.g2)
+        # 6. removal key (normalised per head) and write key
+        kk = F.normalize((k * lw.k_k).view(B, T, H, N), dim=-1)
+        k = k * (1 + (a - 1) * lw.k_a)
+        # 7. value residual: every layer after the first leans towards layer 0's values
+        if lw.v0 is None:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(lw.v0 + linear(linear(xv, lw.v1), lw.v2))
+        # 8-9. the delta-rule state update and readout
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        if T == 1:
+            y, wkv = wkv7_step(st.wkv, *(t[:, 0] for t in map(heads, (r, log_decay, k, v))), kk[:, 0], heads(a)[:, 0])
+            y = y.unsqueeze(1)
+        else:
+            y, wkv = wkv7_sequence(st.wkv, heads(r), heads(log_decay), heads(k), heads(v), kk, heads(a))
+        # 10. per-head GroupNorm (fp32), 11. bonus (r . (k * r_k)) v per head, 12. gate and output
+        y = F.group_norm(y.reshape(B * T, C), H, *lw.ln_x, eps=64e-5).view(B, T, C).to(x.dtype)
+        y = y + ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True).mul(heads(v)).view(B, T, C)
+        return linear(y * g, lw.W_o), xx[:, -1], wkv, v_first
+
+    def channel_mix(self, lw: Layer7, x, st: RWKV7LayerState):
+        xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
+        xk = torch.addcmul(xx, token_shift(xx, st.ffn_shift) - xx, lw.ffn_mix)
+        hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
+        return linear(hidden, lw.ffn_value), xx[:, -1]

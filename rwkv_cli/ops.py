@@ -1,0 +1,65 @@
+"""Matrix products for the engine, with the fastest available backend per device and dtype.
+
+Weights are stored [out, in] (the checkpoint's own layout), so y = x W^T.
+
+On the CPU in fp32, products go through NumPy's BLAS (OpenBLAS in the PyPI wheels) when it is
+available: measured on the 2-core development machine, its matrix-vector product streams weights
+at 23-25 GB/s against 10-16 GB/s for torch's MKL path, and its 256-row GEMMs run at 135-180 GFLOP/s
+against 95-160 (`benchmarks/bench_cpu.py` reports which backend ran). Both paths are tested
+for the same numbers. `RWKV_CPU_MATMUL=torch` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # NumPy is optional: without it, torch does everything.
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy ships with every torch wheel we support
+    _np = None
+
+_USE_NUMPY = _np is not None and os.environ.get("RWKV_CPU_MATMUL", "numpy") != "torch"
+
+
+def cpu_matmul_backend() -> str:
+    return "numpy" if _USE_NUMPY else "torch"
+
+
+def set_cpu_matmul_backend(name: str) -> None:
+    """Switch between "numpy" and "torch" for CPU fp32 products (tests compare the two)."""
+    global _USE_NUMPY
+    if name not in ("numpy", "torch"):
+        raise ValueError(f"unknown CPU matmul backend {name!r}")
+    _USE_NUMPY = name == "numpy" and _np is not None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ w[out, in]^T -> [..., out], in x's dtype."""
+    if _USE_NUMPY and x.dtype == torch.float32 and x.device.type == "cpu" and w.dtype == torch.float32:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = _np.matmul(x2.numpy(), w.numpy().T)
+        return torch.from_numpy(y).view(*shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def linear_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Like `linear`, but the product is formed and returned in fp32.
+
+    RWKV-4's keys and values feed exponentials, and an fp16 product can overflow before any cast
+    (ChatRWKV PR #155), so half-precision inputs are promoted before the product on the CPU.
+    """
+    if x.dtype == torch.float32:
+        return linear(x, w)
+    if x.device.type == "cuda":  # half inputs, fp32 accumulation and output in one GEMM (torch >= 2.8)
+        try:
+            x2 = x.reshape(-1, x.shape[-1])
+            return torch.mm(x2, w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+        except (TypeError, RuntimeError):
+            pass
+    return F.linear(x.float(), w.float())

@@ -1,0 +1,160 @@
+"""Random RWKV checkpoints in the real file formats, for tests and benchmarks.
+
+The weights are random but shaped and scaled like trained ones, so the models behave like real
+ones: peaked logits, bounded states, decays spread over the range training produces (RWKV-LM's
+initialisation). Nothing here is used at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def lora_rank(n_embd: int, factor: float, power: float) -> int:
+    """RWKV-LM's LoRA size rule: max(32, round(f * C^p / 32) * 32)."""
+    return max(32, int(round(factor * n_embd**power / 32)) * 32)
+
+
+V7_LORA_RULES = {"w": (1.8, 0.5), "a": (1.8, 0.5), "v": (1.3, 0.5), "g": (0.6, 0.8)}
+
+
+def random_state_dict(
+    version: str,
+    n_layer: int,
+    n_embd: int,
+    vocab_size: int | None = None,
+    head_size: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    layer0_value_lora: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Tensors of a random RWKV-4 or RWKV-7 model under BlinkDL names (`rwkv-models.md` §5)."""
+    gen = torch.Generator().manual_seed(seed)
+    C = n_embd
+    V = vocab_size or (50277 if version == "4" else 65536)
+
+    def normal(*shape, std=1.0, mean=0.0):
+        return torch.randn(*shape, generator=gen) * std + mean
+
+    def uniform(*shape, lo=0.0, hi=1.0):
+        return torch.rand(*shape, generator=gen) * (hi - lo) + lo
+
+    ramp = torch.linspace(0, 1, C)  # per-channel position, as in RWKV-LM's init
+    ones_ish = lambda: 1 + normal(C, std=0.1)  # noqa: E731  LayerNorm weights of a trained model
+    sd = {"emb.weight": normal(V, C, std=0.5)}
+    sd["blocks.0.ln0.weight"], sd["blocks.0.ln0.bias"] = ones_ish(), normal(C, std=0.05)
+    for i in range(n_layer):
+        b, att, ffn = f"blocks.{i}.", f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        for ln in ("ln1", "ln2"):
+            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = ones_ish(), normal(C, std=0.05)
+        mat = lambda rows, cols, gain=1.0: normal(rows, cols, std=gain / math.sqrt(cols))  # noqa: E731
+        if version == "4":
+            # Decays from very fast (w = -e^3) to very slow (w = -e^-5), as initialised in RWKV-LM.
+            sd[att + "time_decay"] = -5 + 8 * ramp ** (0.7 + 1.3 * i / max(1, n_layer - 1)) + normal(C, std=0.3)
+            sd[att + "time_first"] = math.log(0.3) + normal(C, std=0.5)
+            for m in ("k", "v", "r"):
+                sd[att + f"time_mix_{m}"] = uniform(1, 1, C)
+            for m in ("key", "value", "receptance", "output"):
+                sd[att + m + ".weight"] = mat(C, C)
+            sd[ffn + "time_mix_k"], sd[ffn + "time_mix_r"] = uniform(1, 1, C), uniform(1, 1, C)
+            sd[ffn + "receptance.weight"] = mat(C, C)
+        elif version == "7":
+            H = C // head_size
+            for m in ("r", "w", "k", "v", "a", "g"):
+                sd[att + f"x_{m}"] = uniform(1, 1, C)
+            ranks = {name: lora_rank(C, *rule) for name, rule in V7_LORA_RULES.items()}
+            # w0 spans slow to fast decays (RWKV-LM: -7 + 5 * ramp^..., plus 0.5)
+            sd[att + "w0"] = (-6.5 + 5 * ramp ** (0.85 + i / max(1, n_layer - 1)) + normal(C, std=0.3)).view(1, 1, C)
+            sd[att + "a0"] = normal(1, 1, C, std=0.5)
+            for name, rank in ranks.items():
+                if name == "v" and i == 0 and not layer0_value_lora:
+                    continue  # layer 0 has no value residual (current training code omits it)
+                sd[att + f"{name}1"] = normal(C, rank, std=0.1)
+                sd[att + f"{name}2"] = normal(rank, C, std=0.1)
+            if i > 0 or layer0_value_lora:
+                sd[att + "v0"] = normal(1, 1, C, std=0.5, mean=1.0)
+            sd[att + "k_k"] = normal(1, 1, C, std=0.05, mean=0.85)
+            sd[att + "k_a"] = normal(1, 1, C, std=0.05, mean=1.0)
+            sd[att + "r_k"] = normal(H, head_size, std=0.1)
+            for m in ("receptance", "key", "value", "output"):
+                sd[att + m + ".weight"] = mat(C, C)
+            sd[att + "ln_x.weight"], sd[att + "ln_x.bias"] = ones_ish(), normal(C, std=0.05)
+            sd[ffn + "x_k"] = uniform(1, 1, C)
+        else:
+            raise ValueError(f"random checkpoints exist for RWKV-4 and RWKV-7, not {version!r}")
+        sd[ffn + "key.weight"] = mat(4 * C, C)
+        sd[ffn + "value.weight"] = mat(C, 4 * C, gain=0.5)
+    sd["ln_out.weight"], sd["ln_out.bias"] = ones_ish(), normal(C, std=0.05)
+    sd["head.weight"] = normal(V, C, std=2 / math.sqrt(C))
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Save as BlinkDL .pth (torch.save zip) or safetensors, by the file's suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
+    return path
+
+
+def random_checkpoint(path: str | Path, version: str, n_layer: int, n_embd: int, **kwargs) -> Path:
+    """Write a random checkpoint and return its path (see `random_state_dict` for the options)."""
+    return write_checkpoint(path, random_state_dict(version, n_layer, n_embd, **kwargs))
+
+
+# Names of the reference's flat state list entries, per layer, in pip order (`rwkv-models.md` §9).
+REFERENCE_STATE_FIELDS = {
+    "4": ("att_shift", "wkv_num", "wkv_den", "wkv_max", "ffn_shift"),
+    "7": ("att_shift", "wkv", "ffn_shift"),
+}
+
+
+def reference_state_as_dict(flat: dict[str, torch.Tensor], prefix: str, version: str) -> dict[str, torch.Tensor]:
+    """The reference's `{prefix}.state.{j}` tensors renamed to our `blocks.{i}.{field}` (batch 1 added)."""
+    fields = REFERENCE_STATE_FIELDS[version]
+    n = sum(1 for k in flat if k.startswith(prefix + ".state."))
+    return {
+        f"blocks.{j // len(fields)}.{fields[j % len(fields)]}": flat[f"{prefix}.state.{j}"].unsqueeze(0)
+        for j in range(n)
+    }
+
+
+def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: float = 900) -> list[dict]:
+    """Run jobs through BlinkDL's `rwkv` package in a child process with its environment flags.
+
+    Each job is {"checkpoint", "prompt", "steps"[, "strategy"]}; returns the loaded outputs
+    (see `rwkv_cli._reference_worker`). Needs the `rwkv` test dependency.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    full = []
+    for n, job in enumerate(jobs):
+        full.append({"strategy": "cpu fp32", **job, "out": str(workdir / f"reference-{version}-{n}.safetensors")})
+    spec = workdir / f"reference-jobs-{version}.json"
+    spec.write_text(json.dumps(full))
+    env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+    env.pop("RWKV_V7_ON", None)
+    if version == "7":
+        env["RWKV_V7_ON"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkv_cli._reference_worker", str(spec)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference engine failed:\n{proc.stderr[-3000:]}")
+    return [load_file(job["out"]) for job in full]

@@ -1,0 +1,136 @@
+"""The WKV recurrences of RWKV-4 and RWKV-7 in plain PyTorch: one step, and whole chunks at once.
+
+These are the only sequential parts of the model (`rwkv-models.md` §10); everything else is
+batched over time. Each has a single-token form (decoding) and a chunked form (prompts) that
+processes T tokens with O(log T) or O(T/64) dependent steps instead of a Python loop per token.
+All math is fp32; callers cast the output back to the activation dtype. These functions are also
+the reference twins of the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# RWKV-4: a per-channel decayed average with a running log-scale (paper eq. 14-16, §7.1 of the
+# notes). State (num, den, max) means numerator = num * e^max, denominator = den * e^max.
+
+
+def wkv4_step(w, u, k, v, num, den, mx):
+    """One token. w = -exp(time_decay), u = time_first: [A]; k, v, num, den, mx: [B, A] fp32.
+    Returns (wkv [B, A], num, den, mx)."""
+    uk = u + k
+    q = torch.maximum(mx, uk)
+    e1, e2 = torch.exp(mx - q), torch.exp(uk - q)
+    y = (e1 * num + e2 * v) / (e1 * den + e2)
+    decayed = mx + w
+    q = torch.maximum(decayed, k)
+    e1, e2 = torch.exp(decayed - q), torch.exp(k - q)
+    return y, e1 * num + e2 * v, e1 * den + e2, q
+
+
+def _combine4(a1, b1, p1, a2, b2, p2, gap_decay):
+    """Merge an earlier segment (a1, b1, p1) into a later one, decaying it by `gap_decay` (log)."""
+    p1 = p1 + gap_decay
+    q = torch.maximum(p1, p2)
+    e1, e2 = torch.exp(p1 - q), torch.exp(p2 - q)
+    return e1 * a1 + e2 * a2, e1 * b1 + e2 * b2, q
+
+
+def wkv4_sequence(w, u, k, v, num, den, mx):
+    """T tokens at once. k, v: [B, T, A] fp32; state [B, A]. Returns (wkv [B, T, A], num, den, mx).
+
+    The decay is constant per channel, so the recurrence is an associative scan: a segment of
+    tokens reduces to one (num, den, max) triple, and two segments merge by decaying the earlier
+    one by the later one's length. A Hillis-Steele scan does log2(T) such merges over all
+    positions, keeping the running-max rescaling so nothing overflows however strong the decay.
+    """
+    B, T, A = k.shape
+    a, b, p = v, torch.ones_like(v), k  # each token on its own, from an empty state
+    span = 1
+    while span < T:  # after this pass, position t covers tokens (t - 2*span, t]
+        a_new, b_new, p_new = _combine4(a[:, :-span], b[:, :-span], p[:, :-span], a[:, span:], b[:, span:], p[:, span:], span * w)
+        a = torch.cat([a[:, :span], a_new], 1)
+        b = torch.cat([b[:, :span], b_new], 1)
+        p = torch.cat([p[:, :span], p_new], 1)
+        span *= 2
+    # Bring in the carried state, decayed by the number of tokens since it was written.
+    steps = torch.arange(1, T + 1, device=k.device, dtype=torch.float32).view(1, T, 1)
+    a, b, p = _combine4(num.unsqueeze(1), den.unsqueeze(1), mx.unsqueeze(1), a, b, p, steps * w)
+    # Token t reads the state after tokens < t, plus its own key with the bonus u.
+    a_prev = torch.cat([num.unsqueeze(1), a[:, :-1]], 1)
+    b_prev = torch.cat([den.unsqueeze(1), b[:, :-1]], 1)
+    p_prev = torch.cat([mx.unsqueeze(1), p[:, :-1]], 1)
+    uk = u + k
+    q = torch.maximum(p_prev, uk)
+    e1, e2 = torch.exp(p_prev - q), torch.exp(uk - q)
+    y = (e1 * a_prev + e2 * v) / (e1 * b_prev + e2)
+    return y, a[:, -1], b[:, -1], p[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# RWKV-7: a generalised delta rule on a matrix state S [value, key] per head (§7.4, step 8):
+#   S_t = S_{t-1} diag(d_t) + (S_{t-1} alpha_t) beta_t^T + v_t k_t^T,   o_t = S_t r_t
+# with alpha = -kk (the normalised removal key) and beta = kk * a.
+
+
+def wkv7_step(S, r, log_decay, k, v, kk, a):
+    """One token. S: [B, H, N, N] fp32; the rest [B, H, N]. Returns (o [B, H, N] fp32, S)."""
+    r, k, v, kk, a = (t.float() for t in (r, k, v, kk, a))
+    removed = torch.einsum("bhvk,bhk->bhv", S, -kk)  # S alpha
+    S = (
+        S * torch.exp(log_decay).unsqueeze(2)
+        + removed.unsqueeze(3) * (kk * a).unsqueeze(2)
+        + v.unsqueeze(3) * k.unsqueeze(2)
+    )
+    return torch.einsum("bhvk,bhk->bhv", S, r), S
+
+
+def wkv7_sequence(S, r, log_decay, k, v, kk, a, chunk: int = 64):
+    """T tokens. S: [B, H, N, N] fp32; the rest [B, T, H, N]. Returns (o [B, T, H, N] fp32, S).
+
+    Within a chunk, unrolling the recurrence gives (D_t = prod of decays up to t, h_s = S_{s-1} alpha_s):
+        S_t = S_0 D_t + sum_{s<=t} (h_s beta_s^T + v_s k_s^T) diag(D_t / D_s)
+    The h_s depend on each other through a unit lower-triangular system, solved in one call; the
+    outputs and the final state are then a few [T, T] and [T, N] matrix products per head. The
+    ratios D_t / D_s are factored around the chunk's middle so every factor stays within
+    e^(+-0.61 * chunk / 2): no overflow for chunk <= 64, since each decay lies in (e^-0.61, 1).
+    """
+    B, T, H, N = r.shape
+    heads_first = lambda t: t.float().transpose(1, 2)  # noqa: E731  [B, T, H, N] -> [B, H, T, N]
+    r, log_decay, k, v, kk, a = map(heads_first, (r, log_decay, k, v, kk, a))
+    alpha, beta = -kk, kk * a
+    outs = []
+    for t0 in range(0, T, chunk):
+        sl = slice(t0, t0 + chunk)
+        o, S = _wkv7_chunk(S, r[:, :, sl], log_decay[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl], beta[:, :, sl])
+        outs.append(o)
+    o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    return o.transpose(1, 2), S
+
+
+def _wkv7_chunk(S, r, log_decay, k, v, alpha, beta):
+    T = r.shape[2]
+    L = torch.cumsum(log_decay, 2)  # log D_t, inclusive
+    L_prev = L - log_decay  # log D_{t-1}
+    mid = L[:, :, T // 2 : T // 2 + 1]  # reference point for the factored ratios
+    alpha_up = alpha * torch.exp(L_prev - mid)
+    r_up = r * torch.exp(L - mid)
+    inv = torch.exp(mid - L)
+    beta_dn, k_dn = beta * inv, k * inv
+    strict = torch.ones(T, T, dtype=torch.bool, device=r.device).tril(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=r.device).tril()
+    zero = torch.zeros((), device=r.device)
+    A_ab = torch.where(strict, alpha_up @ beta_dn.transpose(-1, -2), zero)  # [B, H, T, T]
+    A_ak = torch.where(strict, alpha_up @ k_dn.transpose(-1, -2), zero)
+    A_rb = torch.where(causal, r_up @ beta_dn.transpose(-1, -2), zero)
+    A_rk = torch.where(causal, r_up @ k_dn.transpose(-1, -2), zero)
+    S_t = S.transpose(-1, -2)  # [B, H, key, value]
+    # (I - A_ab) h = S_0 (D_{t-1} alpha_t) + sum_{s<t} A_ak[t, s] v_s, rows are time.
+    rhs = (alpha * torch.exp(L_prev)) @ S_t + A_ak @ v
+    eye = torch.eye(T, device=r.device)
+    h = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
+    o = (r * torch.exp(L)) @ S_t + A_rb @ h + A_rk @ v  # [B, H, T, N]
+    to_end = torch.exp(L[:, :, -1:] - L)  # D_last / D_s, <= 1
+    S = S * torch.exp(L[:, :, -1]).unsqueeze(2) + h.transpose(-1, -2) @ (beta * to_end) + v.transpose(-1, -2) @ (k * to_end)
+    return o, S
