@@ -15,3 +15,7 @@ class UnsupportedModelError(CheckpointError):
 
 class NonFiniteError(RWKVError):
     """The model produced NaN or infinite logits (usually fp16 overflow)."""
+
+
+class TokenizerError(RWKVError):
+    """No usable tokenizer: unknown vocabulary, missing or unreadable tokenizer files, bad token ids."""
