@@ -1,0 +1,126 @@
+"""Our engine vs BlinkDL's `rwkv` 0.8.32, side by side on the same random checkpoint, on the CPU.
+
+    python benchmarks/bench_cpu.py                      # v7 0.1B and v4 169M shapes, fp32
+    python benchmarks/bench_cpu.py --shapes 7:12:768 --prefill 256 --decode 20
+
+For each shape, one child process (started with the reference's environment flags: RWKV_V7_ON
+selects its v7 class at import) loads the checkpoint into both engines and times them in turns:
+batch-1 greedy decode tok/s (after warm-up steps) and the prefill tok/s of one prompt. Each
+measurement is repeated and the best round is kept, so both engines get the same chances on a
+noisy machine. Prints a table with our/reference ratios; `--json` writes the raw numbers.
+Needs the `rwkv` test dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_SHAPES = ["7:12:768", "4:12:768"]  # v7 0.1B (vocab 65536), v4 169M (vocab 50277)
+
+
+def time_engine(forward, first_logits, n_decode: int, n_warmup: int, prompt: list[int]):
+    """Decode tok/s (greedy, batch 1) and prefill tok/s of `prompt` for one engine."""
+    logits, state = first_logits
+    for _ in range(n_warmup):
+        logits, state = forward([int(logits.argmax())], state)
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        logits, state = forward([int(logits.argmax())], state)
+    decode = n_decode / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    logits, _ = forward(prompt, None)
+    prefill = len(prompt) / (time.perf_counter() - t0)
+    return decode, prefill, logits
+
+
+def worker(args) -> None:
+    import torch
+
+    from rwkv.model import RWKV  # the reference (class chosen by RWKV_V7_ON)
+
+    from rwkv_cli import load_model
+    from rwkv_cli.ops import cpu_matmul_backend
+
+    torch.set_grad_enabled(False)
+    ours = load_model(args.worker, device="cpu", dtype="fp32")
+    ref = RWKV(model=args.worker[: -len(".pth")], strategy="cpu fp32")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, ours.cfg.vocab_size, (args.prefill,), generator=gen).tolist()
+
+    def ours_forward(tokens, state):
+        logits, state = ours.forward([tokens], state)
+        return logits[0], state
+
+    def ref_forward(tokens, state):
+        return ref.forward(tokens, state)
+
+    engines = {"ours": ours_forward, "reference": ref_forward}
+    best = {name: [0.0, 0.0] for name in engines}
+    for _ in range(args.rounds):
+        for name, fwd in engines.items():
+            fwd(prompt[:16], None)  # warm-up: JIT and allocator
+            decode, prefill, _ = time_engine(fwd, fwd([0], None), args.decode, args.warmup, prompt)
+            best[name] = [max(best[name][0], decode), max(best[name][1], prefill)]
+    # Both engines must agree on the numbers, or the timing comparison means nothing.
+    diff = float((ours_forward(prompt, None)[0] - ref_forward(prompt, None)[0].float()).abs().max())
+    print(json.dumps({
+        "checkpoint": os.path.basename(args.worker), "version": ours.cfg.version,
+        "shape": f"L{ours.cfg.n_layer} C{ours.cfg.n_embd} V{ours.cfg.vocab_size}",
+        "ours": best["ours"], "reference": best["reference"], "max_logit_diff": diff,
+        "cpu_matmul": cpu_matmul_backend(), "threads": torch.get_num_threads(),
+    }))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="VERSION:LAYERS:WIDTH[:VOCAB]")
+    p.add_argument("--prefill", type=int, default=256, help="prompt length for the prefill timing")
+    p.add_argument("--decode", type=int, default=20, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=5, help="decode steps before timing")
+    p.add_argument("--rounds", type=int, default=2, help="timing rounds per engine (best kept)")
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "rwkv-cli-bench"))
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from rwkv_cli.testing import random_checkpoint
+
+    results = []
+    for spec in args.shapes:
+        version, layers, width, *vocab = spec.split(":")
+        vocab_size = int(vocab[0]) if vocab else (65536 if version == "7" else 50277)
+        path = Path(args.workdir) / f"random-v{version}-L{layers}-C{width}-V{vocab_size}.pth"
+        if not path.exists():
+            random_checkpoint(path, version, int(layers), int(width), vocab_size=vocab_size)
+        env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+        env.pop("RWKV_V7_ON", None)
+        if version == "7":
+            env["RWKV_V7_ON"] = "1"
+        cmd = [sys.executable, __file__, "--worker", str(path), "--prefill", str(args.prefill),
+               "--decode", str(args.decode), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"worker failed for {spec}:\n{out.stderr[-2000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    print(f"CPU fp32, batch 1, {results[0]['threads']} threads, our matmul backend: {results[0]['cpu_matmul']}")
+    head = f"{'model':<22} {'decode tok/s (ours / ref / ratio)':>36} {f'prefill-{args.prefill} tok/s (ours / ref / ratio)':>42}"
+    print(head)
+    for r in results:
+        (od, op), (rd, rp) = r["ours"], r["reference"]
+        print(f"v{r['version']} {r['shape']:<19} {od:>12.1f} {rd:>9.1f} {od / rd:>10.2f}x"
+              f" {op:>16.1f} {rp:>9.1f} {op / rp:>12.2f}x   (max |logit diff| {r['max_logit_diff']:.1e})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
