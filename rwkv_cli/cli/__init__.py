@@ -39,6 +39,7 @@ def _root(
 
 from . import info  # noqa: E402,F401  (registers commands)
 from . import tokenize  # noqa: E402,F401
+from . import tokenize  # noqa: E402,F401
 
 
 def main() -> None:

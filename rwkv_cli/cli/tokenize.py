@@ -1,0 +1,110 @@
+"""`rwkv tokenize`: text to token ids and back, with the tokenizer a model would use."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+
+
+@app.command()
+def tokenize(
+    text: Optional[str] = typer.Argument(
+        None, help="Text to tokenize (token ids with --decode). Read from stdin when omitted or '-'."
+    ),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="A checkpoint file (its tokenizer is chosen from its vocabulary size or a tokenizer.json "
+        "beside it), a tokenizer name (world, gpt-neox-20b) or a tokenizer.json.",
+    ),
+    decode: bool = typer.Option(
+        False, "--decode", "-d", help="Read token ids (a JSON list or whitespace-separated) and print text."
+    ),
+    count: bool = typer.Option(False, "--count", "-c", help="Print only the number of tokens."),
+) -> None:
+    """Print the token ids of TEXT as a JSON list, or with --decode the text of token ids.
+
+    Input is used exactly as given, final newline included (echo adds one; printf does not).
+
+    Examples:
+
+    \b
+      rwkv tokenize -m world "User: hi"
+      rwkv tokenize -m RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth --count < prompt.txt
+      rwkv tokenize -m world "Hello" | rwkv tokenize -m world --decode
+    """
+    if decode and count:
+        raise typer.BadParameter("--count counts the tokens of text; it does not go with --decode")
+    tok = _tokenizer_for(model)
+    source = _read_input(text)
+    if decode:
+        out = tok.decode(_parse_ids(source))
+        sys.stdout.write(out + ("\n" if sys.stdout.isatty() else ""))
+        return
+    ids = tok.encode(source)
+    typer.echo(len(ids) if count else json.dumps(ids))
+
+
+def _read_input(text: str | None) -> str:
+    from ..errors import TokenizerError
+
+    if text is not None and text != "-":
+        return text
+    if sys.stdin.isatty():
+        raise typer.BadParameter("give TEXT, or pipe it on stdin")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _parse_ids(source: str) -> list[int]:
+    from ..errors import TokenizerError
+
+    try:
+        ids = json.loads(source) if source.lstrip().startswith("[") else [int(x) for x in source.split()]
+    except ValueError:
+        ids = None
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise TokenizerError("--decode expects token ids: a JSON list or whitespace-separated integers")
+    return ids
+
+
+def _tokenizer_for(model: str):
+    """A tokenizer by name or tokenizer.json, else the one of the checkpoint file `model`."""
+    from ..errors import CheckpointError
+    from ..tokenizer import TOKENIZER_NAMES, load_tokenizer, load_tokenizer_for
+
+    path = Path(model)
+    if model in TOKENIZER_NAMES or path.is_dir() or path.name.endswith(".json"):
+        return load_tokenizer(model)
+    if not path.is_file():
+        names = ", ".join(TOKENIZER_NAMES)
+        raise CheckpointError(f"{model}: no such file (give a checkpoint, a tokenizer.json, or one of: {names})")
+    return load_tokenizer_for(path, _vocab_size(path))
+
+
+def _vocab_size(path: Path) -> int:
+    """Embedding rows of a checkpoint, read from its tensor shapes."""
+    from ..checkpoint import read_safetensors_shapes, read_tensors, sniff_format
+    from ..config import infer_config
+    from ..errors import UnsupportedModelError
+
+    if sniff_format(path) == "safetensors":
+        shapes = read_safetensors_shapes(path)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in read_tensors(path).items()}
+    try:
+        return infer_config(shapes).vocab_size
+    except UnsupportedModelError:  # e.g. RWKV-6: not runnable yet, but its tokenizer is known
+        if "emb.weight" not in shapes:
+            raise
+        return shapes["emb.weight"][0]
