@@ -39,7 +39,6 @@ def _root(
 
 from . import info  # noqa: E402,F401  (registers commands)
 from . import tokenize  # noqa: E402,F401
-from . import tokenize  # noqa: E402,F401
 
 
 def main() -> None:
