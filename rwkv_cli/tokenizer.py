@@ -80,20 +80,22 @@ class WorldTokenizer:
 
     def __init__(self, path: str | Path = _WORLD_BIN):
         blob = Path(path).read_bytes()
-        if blob[:8] != b"RWKVVOC1":
+        if blob[:8] != b"RWKVVOC2":
             raise TokenizerError(f"{path}: not a packed World vocabulary")
-        n_tok, n_pre = struct.unpack_from("<II", blob, 8)
-        start = 16 + n_tok + n_pre
-        ends = list(accumulate(blob[16:start], initial=start))
-        pieces = [blob[a:b] for a, b in zip(ends, ends[1:])]
-        tokens, prefixes = pieces[:n_tok], pieces[n_tok:]
+        n_tok, n_starts = struct.unpack_from("<II", blob, 8)
+        ends = list(accumulate(blob[16 : 16 + n_tok], initial=16 + n_tok))
+        tokens = [blob[a:b] for a, b in zip(ends, ends[1:])]
         self.tokens = tokens  # id i + 1 is tokens[i]
         # id -> bytes for every id a World model can emit; id 0 and the padding are empty
         self._table = [b""] + tokens + [b""] * (WORLD_VOCAB_SIZE - 1 - n_tok)
-        # Every trie node of 2+ bytes: a token (its id) or only a prefix of longer ones (0).
-        self._nodes = dict(zip(tokens[256:], range(257, n_tok + 1)))
-        self._nodes.update(dict.fromkeys(prefixes, 0))
-        self._split = re.compile(_cut_pattern(blob[ends[-1] :]), re.DOTALL).findall
+        self._ids = dict(zip(tokens[256:], range(257, n_tok + 1)))  # the tokens of 2+ bytes
+        pos = ends[-1] + 8192
+        self._split = re.compile(_cut_pattern(blob[ends[-1] : pos]), re.DOTALL).findall
+        self._sizes: dict[bytes, bytes] = {}  # first 2 bytes -> token lengths, longest first
+        for _ in range(n_starts):
+            k = blob[pos + 2]
+            self._sizes[blob[pos : pos + 2]] = blob[pos + 3 : pos + 3 + k]
+            pos += 3 + k
         self._cache: dict[bytes, tuple[int, ...]] = {}
 
     def encode(self, text: str) -> list[int]:
@@ -120,20 +122,17 @@ class WorldTokenizer:
                 found[k] = ids
 
     def _walk(self, piece: bytes) -> tuple[int, ...]:
-        """Greedy longest match by walking the trie, one dict lookup per byte."""
-        nodes, out, i, n = self._nodes, [], 0, len(piece)
+        """Greedy longest match: at each position, try the token lengths that exist for the
+        next two bytes, longest first (a piece is short, so few candidates fit)."""
+        ids, sizes, out, i, n = self._ids, self._sizes, [], 0, len(piece)
         while i < n:
-            best, end = piece[i] + 1, i + 1  # byte b is token b + 1: a match always exists
-            j = i + 2
-            while j <= n:
-                tid = nodes.get(piece[i:j])
-                if tid is None:  # no token starts with piece[i:j]: nothing longer can match
+            for size in sizes.get(piece[i : i + 2], b""):
+                if size <= n - i and (tid := ids.get(piece[i : i + size])):
                     break
-                if tid:
-                    best, end = tid, j
-                j += 1
-            out.append(best)
-            i = end
+            else:  # byte b is token b + 1: a match always exists
+                tid, size = piece[i] + 1, 1
+            out.append(tid)
+            i += size
         return tuple(out)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

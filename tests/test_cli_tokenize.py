@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 from rwkv_cli.cli import app
 from rwkv_cli.testing import random_checkpoint
 
-from test_tokenizer import train_tokenizer_json, write_hf_cache
+try:  # tests/ as a package, or as a plain folder on sys.path
+    from .test_tokenizer import train_tokenizer_json, write_hf_cache
+except ImportError:
+    from test_tokenizer import train_tokenizer_json, write_hf_cache
 
 runner = CliRunner()
 CHAT = "User: hi\n\nAssistant:"

@@ -11,14 +11,13 @@ Without an argument it reads the copy inside the installed `rwkv` package (a tes
 `tests/test_tokenizer.py` rebuilds the file in memory and checks it is byte-identical.
 
 Layout (little-endian):
-    b"RWKVVOC1", u32 n_tokens, u32 n_prefixes
-    n_tokens bytes: length of token id 1..n_tokens
-    n_prefixes bytes: length of each inner prefix
+    b"RWKVVOC2", u32 n_tokens, u32 n_starts
+    n_tokens bytes: the length of token id 1..n_tokens
     the token bytes, concatenated in id order
-    the inner prefixes, concatenated: every proper prefix (2+ bytes) of a token that is not itself
-        a token, sorted; the encoder's trie walk needs to know where a longer match may still come
     8192 bytes: bitmap of byte pairs (a, b) that occur next to each other inside some token,
         bit a * 256 + b; a pair that never does is a place no token can straddle
+    n_starts records, sorted: 2 bytes that begin tokens, 1 byte k, then the k distinct lengths
+        (descending) of the tokens that begin with them: the candidates the encoder tries
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import struct
 import sys
 from pathlib import Path
 
-MAGIC = b"RWKVVOC1"
+MAGIC = b"RWKVVOC2"
 HERE = Path(__file__).resolve().parent
 BIN_PATH = HERE / "rwkv_vocab_v20230424.bin"
 
@@ -50,26 +49,23 @@ def parse_vocab_txt(path: str | Path) -> list[bytes]:
 
 def pack(tokens: list[bytes]) -> bytes:
     """The packed file's bytes for `tokens` (see the module docstring for the layout)."""
+    if tokens[:256] != [bytes([b]) for b in range(256)]:
+        raise ValueError("ids 1-256 must be the single bytes 0-255")
     if any(not 0 < len(t) < 256 for t in tokens):
         raise ValueError("token lengths must fit in one byte")
-    known = set(tokens)
-    prefixes = sorted({t[:k] for t in tokens for k in range(2, len(t))} - known)
     pairs = bytearray(8192)
+    lengths: dict[bytes, set[int]] = {}
     for t in tokens:
         for a, b in zip(t, t[1:]):
             bit = a * 256 + b
             pairs[bit >> 3] |= 1 << (bit & 7)
-    return b"".join(
-        [
-            MAGIC,
-            struct.pack("<II", len(tokens), len(prefixes)),
-            bytes(map(len, tokens)),
-            bytes(map(len, prefixes)),
-            *tokens,
-            *prefixes,
-            bytes(pairs),
-        ]
-    )
+        if len(t) > 1:
+            lengths.setdefault(t[:2], set()).add(len(t))
+    starts = [
+        start + bytes([len(sizes), *sorted(sizes, reverse=True)]) for start, sizes in sorted(lengths.items())
+    ]
+    header = MAGIC + struct.pack("<II", len(tokens), len(starts))
+    return b"".join([header, bytes(map(len, tokens)), *tokens, bytes(pairs), *starts])
 
 
 def default_txt_path() -> Path:
