@@ -70,8 +70,6 @@ class ModelConfig:
 
 def detect_layout(names: set[str]) -> str:
     """Which naming scheme the file uses; only BlinkDL names are loaded directly for now."""
-    if "emb.weight" in names or any(n.startswith("blocks.") for n in names):
-        return "blinkdl"
     if any(n.startswith("rwkv.") for n in names):
         return "hf-transformers"
     if any(n.startswith("model.layers.") or n.startswith("model.embeddings") for n in names):
@@ -80,6 +78,8 @@ def detect_layout(names: set[str]) -> str:
         return "transformers-rwkv7"
     if any(n.startswith("blk.") for n in names):
         return "gguf"
+    if "emb.weight" in names or any(n.startswith("blocks.") for n in names):
+        return "blinkdl"
     return "unknown"
 
 

@@ -76,14 +76,16 @@ def wkv4_sequence(w, u, k, v, num, den, mx):
 
 def wkv7_step(S, r, log_decay, k, v, kk, a):
     """One token. S: [B, H, N, N] fp32; the rest [B, H, N]. Returns (o [B, H, N] fp32, S)."""
-    r, k, v, kk, a = (t.float() for t in (r, k, v, kk, a))
-    removed = torch.einsum("bhvk,bhk->bhv", S, -kk)  # S alpha
-    S = (
-        S * torch.exp(log_decay).unsqueeze(2)
-        + removed.unsqueeze(3) * (kk * a).unsqueeze(2)
-        + v.unsqueeze(3) * k.unsqueeze(2)
-    )
-    return torch.einsum("bhvk,bhk->bhv", S, r), S
+    B, H, N = r.shape
+    r, k, v, kk, a = (t.float().reshape(B * H, N) for t in (r, k, v, kk, a))
+    S_flat = S.reshape(B * H, N, N)
+    removed = torch.bmm(S_flat, -kk.unsqueeze(2))  # S alpha: [BH, N, 1]
+    # Both rank-1 terms in one batched product: [S alpha | v] @ [beta ; k]  -> [BH, N, N]
+    left = torch.cat([removed, v.unsqueeze(2)], 2)
+    right = torch.stack([kk * a, k], 1)
+    S_new = (S_flat * torch.exp(log_decay).reshape(B * H, 1, N)).baddbmm_(left, right)
+    out = torch.bmm(S_new, r.unsqueeze(2))
+    return out.view(B, H, N), S_new.view(B, H, N, N)
 
 
 def wkv7_sequence(S, r, log_decay, k, v, kk, a, chunk: int = 64):

@@ -1,0 +1,61 @@
+"""Parity with BlinkDL's `rwkv` 0.8.32 (fp32, CPU): logits and every state tensor, after a 64-token
+prompt and after 32 single steps, within 1e-4 x max(1, max |reference|)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_cli import load_model
+from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
+from rwkv_cli.testing import reference_state_as_dict
+
+from .conftest import PARITY_SHAPES, assert_close_to_reference, parity_tokens, shape_id
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def matmul_backend(request):
+    """Run each parity test with both CPU matrix-product backends."""
+    before = cpu_matmul_backend()
+    set_cpu_matmul_backend(request.param)
+    yield request.param
+    set_cpu_matmul_backend(before)
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=shape_id)
+def test_prompt_then_steps_match_reference(shape, make_ckpt, reference_outputs, matmul_backend):
+    version = shape[0]
+    ref = reference_outputs[shape]
+    model = load_model(make_ckpt(*shape), device="cpu", dtype="fp32")
+    prompt, steps = parity_tokens(shape[3])
+
+    logits, state = model.forward([prompt])
+    assert_close_to_reference(logits[0], ref["prompt.logits"], "prompt logits")
+    ref_state = reference_state_as_dict(ref, "prompt", version)
+    ours = state.to_dict()
+    assert set(ours) == set(ref_state)
+    for name, tensor in ours.items():
+        assert_close_to_reference(tensor, ref_state[name], f"prompt state {name}")
+
+    step_logits = []
+    for token in steps:
+        logits, state = model.forward([[token]], state)
+        step_logits.append(logits[0])
+    assert_close_to_reference(torch.stack(step_logits), ref["steps.logits"], "step logits")
+    ref_state = reference_state_as_dict(ref, "steps", version)
+    for name, tensor in state.to_dict().items():
+        assert_close_to_reference(tensor, ref_state[name], f"state after steps {name}")
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES[:1] + PARITY_SHAPES[2:3], ids=shape_id)
+def test_safetensors_file_gives_same_logits(shape, make_ckpt, tmp_path):
+    """The same tensors as safetensors load to the same model as the .pth."""
+    from safetensors.torch import save_file
+
+    pth = make_ckpt(*shape)
+    st_path = tmp_path / "model.safetensors"
+    save_file(torch.load(pth, weights_only=True), str(st_path))
+    prompt, _ = parity_tokens(shape[3])
+    a, _ = load_model(pth, "cpu", "fp32").forward([prompt])
+    b, _ = load_model(st_path, "cpu", "fp32").forward([prompt])
+    assert torch.equal(a, b)

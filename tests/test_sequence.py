@@ -1,0 +1,92 @@
+"""Our parallel (sequence) mode equals our step-by-step RNN mode, for every chunking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_cli import load_model
+from rwkv_cli.wkv import wkv4_sequence, wkv4_step, wkv7_sequence, wkv7_step
+
+from .conftest import assert_close_to_reference
+
+SHAPES = {"7": ("7", 3, 128, 512), "4": ("4", 3, 128, 512)}
+
+
+def stepwise(model, tokens):
+    """Feed [B, T] tokens one at a time; return per-position logits [B, T, V] and the final state."""
+    state, outs = None, []
+    for t in range(tokens.shape[1]):
+        logits, state = model.forward(tokens[:, t : t + 1], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+@pytest.mark.parametrize("version", ["4", "7"])
+@pytest.mark.parametrize("length", [1, 2, 13, 64, 100])
+@pytest.mark.parametrize("chunk", [1, 16, 64, 256])
+def test_sequence_equals_steps(version, length, chunk, make_ckpt):
+    model = load_model(make_ckpt(*SHAPES[version]), "cpu", "fp32")
+    model.prefill_chunk = chunk
+    tokens = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(length))
+    ref_logits, ref_state = stepwise(model, tokens)
+    logits, state = model.forward(tokens, full_output=True)
+    assert_close_to_reference(logits, ref_logits, "all-position logits")
+    last, _ = model.forward(tokens)
+    assert_close_to_reference(last, ref_logits[:, -1], "last logits")
+    ref_dict = ref_state.to_dict()
+    for name, tensor in state.to_dict().items():
+        assert_close_to_reference(tensor, ref_dict[name], name)
+
+
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_batch_rows_are_independent(version, make_ckpt):
+    """Three sequences in one batch give what each gives alone, and a continued batch too."""
+    model = load_model(make_ckpt(*SHAPES[version]), "cpu", "fp32")
+    tokens = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(3))
+    batch_logits, batch_state = model.forward(tokens)
+    for b in range(3):
+        alone, alone_state = model.forward(tokens[b : b + 1])
+        assert_close_to_reference(batch_logits[b : b + 1], alone, f"row {b}")
+        row = batch_state.select(b).to_dict()
+        for name, tensor in alone_state.to_dict().items():
+            assert_close_to_reference(row[name], tensor, f"row {b} {name}")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_wkv7_chunked_equals_steps_with_initial_state(chunk):
+    """The chunked delta-rule solve, from a non-zero state (fla #351's failure case), strong decays included."""
+    gen = torch.Generator().manual_seed(chunk)
+    B, T, H, N = 2, 150, 3, 64
+    S0 = torch.randn(B, H, N, N, generator=gen)
+    r, k, v = (torch.randn(B, T, H, N, generator=gen) for _ in range(3))
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=gen), dim=-1)
+    a = torch.rand(B, T, H, N, generator=gen)
+    log_decay = -0.6065 * torch.rand(B, T, H, N, generator=gen)  # the full range RWKV-7 allows
+    S, outs = S0, []
+    for t in range(T):
+        o, S = wkv7_step(S, r[:, t], log_decay[:, t], k[:, t], v[:, t], kk[:, t], a[:, t])
+        outs.append(o)
+    o_seq, S_seq = wkv7_sequence(S0, r, log_decay, k, v, kk, a, chunk=chunk)
+    assert_close_to_reference(o_seq, torch.stack(outs, 1), "outputs")
+    assert_close_to_reference(S_seq, S, "final state")
+
+
+def test_wkv4_scan_equals_steps_with_extreme_decays():
+    """The log-depth scan keeps the running-max rescaling: decays from e^-5 to e^5 per step."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, A = 2, 300, 64
+    w = -torch.exp(torch.linspace(-5, 5, A))
+    u = torch.randn(A, generator=gen)
+    k, v = torch.randn(B, T, A, generator=gen) * 5, torch.randn(B, T, A, generator=gen)
+    state = (torch.randn(B, A, generator=gen), torch.rand(B, A, generator=gen) + 0.1, torch.randn(B, A, generator=gen))
+    num, den, mx = state
+    outs = []
+    for t in range(T):
+        y, num, den, mx = wkv4_step(w, u, k[:, t], v[:, t], num, den, mx)
+        outs.append(y)
+    y_seq, *final = wkv4_sequence(w, u, k, v, *state)
+    assert torch.isfinite(y_seq).all()
+    assert_close_to_reference(y_seq, torch.stack(outs, 1), "outputs")
+    for got, want, name in zip(final, (num, den, mx), ("num", "den", "max")):
+        assert_close_to_reference(got, want, name)
