@@ -37,7 +37,11 @@ def corpus(megabytes: float) -> dict[str, str]:
             tree = ast.parse(text)
         except SyntaxError:
             continue
-        docs = (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module)))
+        docs = (
+            ast.get_docstring(n)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module))
+        )
         prose.extend(d for d in docs if d)
         if sum(map(len, code)) > size and sum(map(len, prose)) > size:
             break
@@ -50,7 +54,7 @@ def corpus(megabytes: float) -> dict[str, str]:
         multi.append(w + rng.choice(" ，。 , . \n"))
         n += len(multi[-1])
     return {
-        "prose": "\n\n".join(prose)[: size],
+        "prose": "\n\n".join(prose)[:size],
         "code": "".join(code)[:size],
         "multilingual": "".join(multi),
     }
@@ -94,34 +98,43 @@ def main() -> None:
 
     txt = str(default_txt_path())
     timer = "import time; t = time.perf_counter(); {}; print(time.perf_counter() - t)"
-    ours_load = load_seconds(timer.format(
-        "from rwkv_cli.tokenizer import WorldTokenizer; WorldTokenizer().encode('hi')"))
-    ref_load = load_seconds(timer.format(
-        f"from rwkv.rwkv_tokenizer import TRIE_TOKENIZER; TRIE_TOKENIZER({txt!r}).encode('hi')"))
+    ours_load = load_seconds(
+        timer.format("from rwkv_cli.tokenizer import WorldTokenizer; WorldTokenizer().encode('hi')")
+    )
+    ref_load = load_seconds(
+        timer.format(f"from rwkv.rwkv_tokenizer import TRIE_TOKENIZER; TRIE_TOKENIZER({txt!r}).encode('hi')")
+    )
 
     ref = TRIE_TOKENIZER(txt)
     parts = corpus(args.mb)
     parts["mixed"] = "".join(parts.values())
-    print(f"{'text':<13}{'MB':>6}  {'encode MB/s: ours cold':>22}{'warm':>7}{'ref':>7}{'cold/ref':>10}"
-          f"  {'decode MB/s: ours':>17}{'ref':>7}{'ratio':>7}")
+    print(
+        f"{'text':<13}{'MB':>6}  {'encode MB/s: ours cold':>22}{'warm':>7}{'ref':>7}{'cold/ref':>10}"
+        f"  {'decode MB/s: ours':>17}{'ref':>7}{'ratio':>7}"
+    )
     for name, text in parts.items():
         nbytes = len(text.encode())
         ours = WorldTokenizer()
         t = time.perf_counter()
         ids = ours.encode(text)
         cold = nbytes / 1e6 / (time.perf_counter() - t)
-        warm = best_rate(lambda: ours.encode(text), nbytes, 3)
+        warm = best_rate(lambda ours=ours, text=text: ours.encode(text), nbytes, 3)
         t = time.perf_counter()
         ref_ids = ref.encode(text)
         ref_rate = nbytes / 1e6 / (time.perf_counter() - t)
         if ids != ref_ids:
             sys.exit(f"{name}: ids differ from the reference")
-        dec = best_rate(lambda: ours.decode(ids), nbytes, 5)
-        ref_dec = best_rate(lambda: ref.decode(ids), nbytes, 5)
-        print(f"{name:<13}{nbytes / 1e6:>6.2f}  {cold:>22.1f}{warm:>7.1f}{ref_rate:>7.1f}{cold / ref_rate:>9.1f}x"
-              f"  {dec:>17.1f}{ref_dec:>7.1f}{dec / ref_dec:>6.1f}x")
-    print(f"load (import + vocabulary + first encode, median of 3): ours {ours_load:.3f} s, "
-          f"reference {ref_load:.3f} s ({ref_load / ours_load:.0f}x faster)")
+        dec = best_rate(lambda ours=ours, ids=ids: ours.decode(ids), nbytes, 5)
+        ref_dec = best_rate(lambda ids=ids: ref.decode(ids), nbytes, 5)
+        print(
+            f"{name:<13}{nbytes / 1e6:>6.2f}  {cold:>22.1f}{warm:>7.1f}{ref_rate:>7.1f}"
+            f"{cold / ref_rate:>9.1f}x"
+            f"  {dec:>17.1f}{ref_dec:>7.1f}{dec / ref_dec:>6.1f}x"
+        )
+    print(
+        f"load (import + vocabulary + first encode, median of 3): ours {ours_load:.3f} s, "
+        f"reference {ref_load:.3f} s ({ref_load / ours_load:.0f}x faster)"
+    )
 
 
 if __name__ == "__main__":

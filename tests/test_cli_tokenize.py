@@ -45,7 +45,9 @@ def test_count():
     assert r.exit_code == 0 and r.stdout.strip() == "7"
 
 
-@pytest.mark.parametrize("ids", [json.dumps(CHAT_IDS), " ".join(map(str, CHAT_IDS)), "24281\n59 4571\t261 5585 41693 59\n"])
+@pytest.mark.parametrize(
+    "ids", [json.dumps(CHAT_IDS), " ".join(map(str, CHAT_IDS)), "24281\n59 4571\t261 5585 41693 59\n"]
+)
 def test_decode_json_or_whitespace_separated(ids):
     assert rwkv("tokenize", "-m", "world", "--decode", ids).stdout == CHAT
     assert rwkv("tokenize", "-m", "world", "-d", input=ids).stdout == CHAT

@@ -11,7 +11,6 @@ from rwkv_cli.errors import TokenizerError
 from rwkv_cli.tokenizer import HFTokenizer, WorldTokenizer, load_tokenizer, load_tokenizer_for
 
 
-
 def cases(n: int):
     """Hypothesis settings: n examples, no deadline (CI machines are slow and shared)."""
     return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -329,7 +328,9 @@ def hf_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("rows", [50277, 50304])
 def test_gpt_neox_from_the_hf_cache(hf_cache, tmp_path, rows):
-    write_hf_cache(hf_cache, "EleutherAI/gpt-neox-20b", "tokenizer.json", train_tokenizer_json(tmp_path / "t.json"))
+    write_hf_cache(
+        hf_cache, "EleutherAI/gpt-neox-20b", "tokenizer.json", train_tokenizer_json(tmp_path / "t.json")
+    )
     tok = load_tokenizer_for(tmp_path / "sub" / "model.pth", rows)
     assert tok.name == "gpt-neox-20b" and tok.decode(tok.encode("naïve café")) == "naïve café"
     assert tok.decode([rows - 1]) == ""  # padding rows decode to nothing

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,7 +13,7 @@ from . import app
 
 @app.command()
 def tokenize(
-    text: Optional[str] = typer.Argument(
+    text: str | None = typer.Argument(
         None, help="Text to tokenize (token ids with --decode). Read from stdin when omitted or '-'."
     ),
     model: str = typer.Option(
@@ -63,7 +62,9 @@ def _read_input(text: str | None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TokenizerError(f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise TokenizerError(
+            f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
 
 
 def _parse_ids(source: str) -> list[int]:
@@ -88,7 +89,9 @@ def _tokenizer_for(model: str):
         return load_tokenizer(model)
     if not path.is_file():
         names = ", ".join(TOKENIZER_NAMES)
-        raise CheckpointError(f"{model}: no such file (give a checkpoint, a tokenizer.json, or one of: {names})")
+        raise CheckpointError(
+            f"{model}: no such file (give a checkpoint, a tokenizer.json, or one of: {names})"
+        )
     return load_tokenizer_for(path, _vocab_size(path))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import struct
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 MAGIC = b"RWKVVOC2"
@@ -56,7 +57,7 @@ def pack(tokens: list[bytes]) -> bytes:
     pairs = bytearray(8192)
     lengths: dict[bytes, set[int]] = {}
     for t in tokens:
-        for a, b in zip(t, t[1:]):
+        for a, b in pairwise(t):
             bit = a * 256 + b
             pairs[bit >> 3] |= 1 << (bit & 7)
         if len(t) > 1:
