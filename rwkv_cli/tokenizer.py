@@ -114,6 +114,8 @@ class WorldTokenizer:
             new = {piece: self._walk(piece) for piece in set(pieces).difference(cache)}
             cache.update(new)
             found = list(map(cache.get, pieces))
+            if None in found:  # another thread cleared the cache in between
+                found = [ids or new.get(p) or self._walk(p) for p, ids in zip(pieces, found, strict=True)]
             for piece in new:  # keep the cache small: long pieces (CJK runs) rarely repeat
                 if len(piece) > self._CACHE_MAX_PIECE:
                     del cache[piece]
@@ -226,11 +228,12 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of the ids; special tokens (end of text, padding) and unknown ids give nothing."""
+        """Text of the ids. Special tokens are spelled out ("<|endoftext|>"), as `encode` reads
+        them from text, so every string round-trips; unknown ids (padding rows) give nothing."""
         ids = list(map(operator.index, ids))
         if ids and min(ids) < 0:
             raise TokenizerError(f"token ids cannot be negative (got {min(ids)})")
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def detokenizer(self) -> WindowDetokenizer:
         return WindowDetokenizer(self.decode)

@@ -233,7 +233,8 @@ def test_hf_round_trip(hf, text):
 
 def test_hf_interface(hf):
     assert hf.eos_id == 0 and 256 < hf.vocab_size <= 320
-    assert hf.decode([0, 1, 10_000, 50303]) == ""  # specials and unknown ids give nothing
+    assert hf.decode([0, 1, 10_000, 50303]) == "<|endoftext|><|padding|>"  # unknown ids: nothing
+    assert hf.encode("a<|endoftext|>") == hf.encode("a") + [0]  # as the reference pipeline does
     with pytest.raises(TokenizerError):
         hf.decode([-1])
 
