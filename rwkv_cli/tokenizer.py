@@ -127,6 +127,8 @@ class WorldTokenizer:
         """Greedy longest match: at each position, try the token lengths that exist for the
         next two bytes, longest first (a piece is short, so few candidates fit)."""
         ids, sizes, out, i, n = self._ids, self._sizes, [], 0, len(piece)
+        if whole := ids.get(piece):  # often the piece is one token: the longest match possible
+            return (whole,)
         while i < n:
             for size in sizes.get(piece[i : i + 2], b""):
                 if size <= n - i and (tid := ids.get(piece[i : i + size])):
