@@ -19,6 +19,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import NonFiniteError, RWKVError
 from .models import model_class
+from .ops import cpu_step_threads
 from .state import State
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,7 +84,9 @@ class Model:
             raise ValueError(f"state holds {state.batch_size} sequences but {tokens.shape[0]} were given")
         outs = []
         for t0 in range(0, tokens.shape[1], self.prefill_chunk):
-            logits, state = self.net.forward(tokens[:, t0 : t0 + self.prefill_chunk], state, full_output)
+            chunk = tokens[:, t0 : t0 + self.prefill_chunk]
+            with cpu_step_threads(self.net.emb, chunk.numel()):
+                logits, state = self.net.forward(chunk, state, full_output)
             outs.append(logits)
         logits = torch.cat(outs, 1) if full_output else outs[-1]
         logits = logits.float()

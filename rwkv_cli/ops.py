@@ -2,16 +2,19 @@
 
 Weights are stored [out, in] (the checkpoint's own layout), so y = x W^T.
 
-On the CPU in fp32, products go through NumPy's BLAS (OpenBLAS in the PyPI wheels) when it is
-available: measured on the 2-core development machine, its matrix-vector product streams weights
-at 23-25 GB/s against 10-16 GB/s for torch's MKL path, and its 256-row GEMMs run at 135-180 GFLOP/s
-against 95-160 (`benchmarks/bench_cpu.py` reports which backend ran). Both paths are tested
-for the same numbers. `RWKV_CPU_MATMUL=torch` forces the torch path.
+On the CPU in fp32, matrix-vector products (decoding: a few rows) go through NumPy's BLAS
+(OpenBLAS in the PyPI wheels) when it is available: measured on the 2-core development machine,
+it streams weights at 23-25 GB/s against 10-16 GB/s for torch's MKL path, and decoding is bound
+by exactly that. Torch's own element-wise ops then run single-threaded (`cpu_step_threads`):
+OpenBLAS's spinning workers and torch's OpenMP pool fighting over two cores made decoding 4x
+slower when both were active. Prompts (many rows) stay on torch's GEMM and threads. Both paths
+are tested for the same numbers; `RWKV_CPU_MATMUL=torch` forces the torch path.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,7 @@ except ImportError:  # pragma: no cover - numpy ships with every torch wheel we 
     _np = None
 
 _USE_NUMPY = _np is not None and os.environ.get("RWKV_CPU_MATMUL", "numpy") != "torch"
+NUMPY_MAX_ROWS = 8  # products with more rows than this are GEMMs: torch's threads do them
 
 
 def cpu_matmul_backend() -> str:
@@ -36,16 +40,34 @@ def set_cpu_matmul_backend(name: str) -> None:
     _USE_NUMPY = name == "numpy" and _np is not None
 
 
+def _numpy_applies(x: torch.Tensor, rows: int) -> bool:
+    return _USE_NUMPY and rows <= NUMPY_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T -> [..., out], in x's dtype."""
-    if _USE_NUMPY and x.dtype == torch.float32 and x.device.type == "cpu" and w.dtype == torch.float32:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    rows = x.numel() // x.shape[-1]
+    if _numpy_applies(x, rows) and w.dtype == torch.float32:
+        x2 = x.reshape(rows, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y = _np.matmul(x2.numpy(), w.numpy().T)
-        return torch.from_numpy(y).view(*shape[:-1], w.shape[0])
+        return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+
+@contextmanager
+def cpu_step_threads(x: torch.Tensor, rows: int):
+    """Run torch single-threaded around a forward whose products NumPy's BLAS will do."""
+    if not _numpy_applies(x, rows) or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def linear_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,13 @@ class RWKVBase:
     def _load_blocks(self, w: WeightLoader) -> None:
         raise NotImplementedError
 
-    def blocks(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
+        """The layer stack: x [B, T, C] -> [B, T', C] and the new state.
+
+        With `last_only`, the final layer computes its outputs for the last two positions only
+        (T' = 2): the logits need just the last one, and its channel-mix token shift reads the one
+        before. The state still sees every position. This skips the last FFN for T - 2 tokens.
+        """
         raise NotImplementedError
 
     def zero_state(self, batch_size: int = 1) -> State:
@@ -70,7 +76,7 @@ class RWKVBase:
         T (the engine prefills long prompts in chunks); `state` is not modified.
         """
         x = self.emb[tokens]  # [B, T, C]
-        x, state = self.blocks(x, state)
+        x, state = self.blocks(x, state, last_only=not full_output)
         if not full_output:
             x = x[:, -1]
         x = F.layer_norm(x, (self.cfg.n_embd,), *self.ln_out)

@@ -76,11 +76,12 @@ class RWKV4(RWKVBase):
                 )
             )
 
-    def blocks(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
         new_layers = []
-        for lw, st in zip(self.layers, state.layers):
-            dx, att_shift, num, den, mx = self.time_mix(lw, x, st)
-            x = x + dx
+        for i, (lw, st) in enumerate(zip(self.layers, state.layers)):
+            keep = 2 if last_only and i == len(self.layers) - 1 else x.shape[1]
+            dx, att_shift, num, den, mx = self.time_mix(lw, x, st, keep)
+            x = x[:, -keep:] + dx
             dx, ffn_shift = self.channel_mix(lw, x, st)
             x = x + dx
             if lw.halve_after:
@@ -88,19 +89,20 @@ class RWKV4(RWKVBase):
             new_layers.append(RWKV4LayerState(att_shift, num, den, mx, ffn_shift))
         return x, State("4", new_layers)
 
-    def time_mix(self, lw: Layer4, x, st: RWKV4LayerState):
+    def time_mix(self, lw: Layer4, x, st: RWKV4LayerState, keep: int):
+        """Returns (output for the last `keep` positions, att_shift, wkv_num, wkv_den, wkv_max)."""
         xx = F.layer_norm(x, (x.shape[-1],), *lw.ln1)
         prev = token_shift(xx, st.att_shift)
         # x_m = mu_m * x + (1 - mu_m) * prev, for k, v, r at once -> [3, B, T, C]
         xk, xv, xr = torch.addcmul(prev, xx - prev, lw.att_mix).unbind(0)
-        r = torch.sigmoid(linear(xr, lw.W_r))
+        r = torch.sigmoid(linear(xr[:, -keep:], lw.W_r))
         k, v = linear_fp32_out(xk, lw.W_k), linear_fp32_out(xv, lw.W_v)  # fp32: they feed exp()
         if x.shape[1] == 1:
             y, num, den, mx = wkv4_step(lw.decay, lw.bonus, k[:, 0], v[:, 0], st.wkv_num, st.wkv_den, st.wkv_max)
             y = y.unsqueeze(1)
         else:
             y, num, den, mx = wkv4_sequence(lw.decay, lw.bonus, k, v, st.wkv_num, st.wkv_den, st.wkv_max)
-        return linear(r * y.to(x.dtype), lw.W_o), xx[:, -1], num, den, mx
+        return linear(r * y[:, -keep:].to(x.dtype), lw.W_o), xx[:, -1], num, den, mx
 
     def channel_mix(self, lw: Layer4, x, st: RWKV4LayerState):
         xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)

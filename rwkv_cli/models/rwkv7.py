@@ -90,18 +90,20 @@ class RWKV7(RWKVBase):
                 )
             )
 
-    def blocks(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
         new_layers = []
         v_first = None
-        for lw, st in zip(self.layers, state.layers):
-            dx, att_shift, wkv, v_first = self.time_mix(lw, x, st, v_first)
-            x = x + dx
+        for i, (lw, st) in enumerate(zip(self.layers, state.layers)):
+            keep = 2 if last_only and i == len(self.layers) - 1 else x.shape[1]
+            dx, att_shift, wkv, v_first = self.time_mix(lw, x, st, v_first, keep)
+            x = x[:, -keep:] + dx
             dx, ffn_shift = self.channel_mix(lw, x, st)
             x = x + dx
             new_layers.append(RWKV7LayerState(att_shift, wkv, ffn_shift))
         return x, State("7", new_layers)
 
-    def time_mix(self, lw: Layer7, x, st: RWKV7LayerState, v_first):
+    def time_mix(self, lw: Layer7, x, st: RWKV7LayerState, v_first, keep: int):
+        """Returns (output for the last `keep` positions, new att_shift, new wkv state, v_first)."""
         B, T, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
         xx = F.layer_norm(x, (C,), *lw.ln1)
@@ -111,7 +113,6 @@ class RWKV7(RWKVBase):
         r, k, v = linear(xr, lw.W_r), linear(xk, lw.W_k), linear(xv, lw.W_v)
         log_decay = -DECAY_SCALE * torch.sigmoid(lw.w0 + linear(torch.tanh(linear(xw, lw.w1)), lw.w2).float())
         a = torch.sigmoid(lw.a0 + linear(linear(xa, lw.a1), lw.a2))
-        g = linear(torch.sigmoid(linear(xg, lw.g1)), lw.g2)
         # 6. removal key (normalised per head) and write key
         kk = F.normalize((k * lw.k_k).view(B, T, H, N), dim=-1)
         k = k * (1 + (a - 1) * lw.k_a)
@@ -127,9 +128,12 @@ class RWKV7(RWKVBase):
             y = y.unsqueeze(1)
         else:
             y, wkv = wkv7_sequence(st.wkv, heads(r), heads(log_decay), heads(k), heads(v), kk, heads(a))
+        if keep < T:
+            T, y, r, k, v, xg = keep, y[:, -keep:], r[:, -keep:], k[:, -keep:], v[:, -keep:], xg[:, -keep:]
         # 10. per-head GroupNorm (fp32), 11. bonus (r . (k * r_k)) v per head, 12. gate and output
         y = F.group_norm(y.reshape(B * T, C), H, *lw.ln_x, eps=64e-5).view(B, T, C).to(x.dtype)
         y = y + ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True).mul(heads(v)).view(B, T, C)
+        g = linear(torch.sigmoid(linear(xg, lw.g1)), lw.g2)
         return linear(y * g, lw.W_o), xx[:, -1], wkv, v_first
 
     def channel_mix(self, lw: Layer7, x, st: RWKV7LayerState):
