@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig, infer_config, validate
 from .errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported only where tensors are read, so headers stay cheap
+    import torch
 
 _ZIP = b"PK\x03\x04"
 _PICKLE = 0x80  # pickle protocol opcode: a legacy (non-zip) torch.save file
@@ -64,8 +66,18 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a checkpoint: from the header alone for safetensors (no torch import)."""
+    path = Path(path)
+    if sniff_format(path) == "safetensors":
+        return read_safetensors_shapes(path)
+    return {k: tuple(v.shape) for k, v in read_tensors(path).items()}
+
+
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, memory-mapped where the format allows it."""
+    import torch
+
     path = Path(path)
     fmt = sniff_format(path)
     if fmt == "safetensors":

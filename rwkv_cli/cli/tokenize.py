@@ -97,14 +97,11 @@ def _tokenizer_for(model: str):
 
 def _vocab_size(path: Path) -> int:
     """Embedding rows of a checkpoint, read from its tensor shapes."""
-    from ..checkpoint import read_safetensors_shapes, read_tensors, sniff_format
+    from ..checkpoint import read_shapes
     from ..config import infer_config
     from ..errors import UnsupportedModelError
 
-    if sniff_format(path) == "safetensors":
-        shapes = read_safetensors_shapes(path)
-    else:
-        shapes = {k: tuple(v.shape) for k, v in read_tensors(path).items()}
+    shapes = read_shapes(path)
     try:
         return infer_config(shapes).vocab_size
     except UnsupportedModelError:  # e.g. RWKV-6: not runnable yet, but its tokenizer is known
