@@ -67,6 +67,8 @@ def worker(args) -> None:
             fwd(prompt[:16], None)  # warm-up: JIT and allocator
             decode, prefill, _ = time_engine(fwd, fwd([0], None), args.decode, args.warmup, prompt)
             best[name] = [max(best[name][0], decode), max(best[name][1], prefill)]
+            if args.verbose:
+                print(name, f"decode {decode:.1f} prefill {prefill:.1f}", file=sys.stderr)
     # Both engines must agree on the numbers, or the timing comparison means nothing.
     diff = float((ours_forward(prompt, None)[0] - ref_forward(prompt, None)[0].float()).abs().max())
     print(json.dumps({
@@ -87,6 +89,7 @@ def main() -> None:
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "rwkv-cli-bench"))
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true", help="print every round (worker, stderr)")
     args = p.parse_args()
     if args.worker:
         return worker(args)

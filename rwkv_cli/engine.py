@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import NonFiniteError, RWKVError
 from .models import model_class
-from .ops import cpu_step_threads
+from .ops import cpu_forward_threads
 from .state import State
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,7 +85,7 @@ class Model:
         outs = []
         for t0 in range(0, tokens.shape[1], self.prefill_chunk):
             chunk = tokens[:, t0 : t0 + self.prefill_chunk]
-            with cpu_step_threads(self.net.emb, chunk.numel()):
+            with cpu_forward_threads(self.net.emb):
                 logits, state = self.net.forward(chunk, state, full_output)
             outs.append(logits)
         logits = torch.cat(outs, 1) if full_output else outs[-1]

@@ -2,13 +2,12 @@
 
 Weights are stored [out, in] (the checkpoint's own layout), so y = x W^T.
 
-On the CPU in fp32, matrix-vector products (decoding: a few rows) go through NumPy's BLAS
-(OpenBLAS in the PyPI wheels) when it is available: measured on the 2-core development machine,
-it streams weights at 23-25 GB/s against 10-16 GB/s for torch's MKL path, and decoding is bound
-by exactly that. Torch's own element-wise ops then run single-threaded (`cpu_step_threads`):
-OpenBLAS's spinning workers and torch's OpenMP pool fighting over two cores made decoding 4x
-slower when both were active. Prompts (many rows) stay on torch's GEMM and threads. Both paths
-are tested for the same numbers; `RWKV_CPU_MATMUL=torch` forces the torch path.
+On the CPU in fp32, products go through NumPy's BLAS (OpenBLAS in the PyPI wheels) when it is
+available. Measured on the 2-core development machine: matrix-vector products (decoding) stream
+weights at 23-25 GB/s against 10-16 GB/s for torch's MKL path, and a 256-token RWKV-4 prefill
+runs 1.4x faster. Torch's own element-wise ops then run single-threaded (`cpu_forward_threads`):
+OpenBLAS's spinning workers and torch's OpenMP pool fighting over two cores made both 2-4x
+slower. Both paths are tested for the same numbers; `RWKV_CPU_MATMUL=torch` forces torch.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ except ImportError:  # pragma: no cover - numpy ships with every torch wheel we 
     _np = None
 
 _USE_NUMPY = _np is not None and os.environ.get("RWKV_CPU_MATMUL", "numpy") != "torch"
-NUMPY_MAX_ROWS = 8  # products with more rows than this are GEMMs: torch's threads do them
 
 
 def cpu_matmul_backend() -> str:
@@ -40,15 +38,14 @@ def set_cpu_matmul_backend(name: str) -> None:
     _USE_NUMPY = name == "numpy" and _np is not None
 
 
-def _numpy_applies(x: torch.Tensor, rows: int) -> bool:
-    return _USE_NUMPY and rows <= NUMPY_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+def _numpy_applies(x: torch.Tensor) -> bool:
+    return _USE_NUMPY and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T -> [..., out], in x's dtype."""
-    rows = x.numel() // x.shape[-1]
-    if _numpy_applies(x, rows) and w.dtype == torch.float32:
-        x2 = x.reshape(rows, x.shape[-1])
+    if _numpy_applies(x) and w.dtype == torch.float32:
+        x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y = _np.matmul(x2.numpy(), w.numpy().T)
@@ -57,9 +54,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def cpu_step_threads(x: torch.Tensor, rows: int):
+def cpu_forward_threads(x: torch.Tensor):
     """Run torch single-threaded around a forward whose products NumPy's BLAS will do."""
-    if not _numpy_applies(x, rows) or torch.get_num_threads() == 1:
+    if not _numpy_applies(x) or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()

@@ -42,30 +42,51 @@ def wkv4_sequence(w, u, k, v, num, den, mx):
 
     The decay is constant per channel, so the recurrence is an associative scan: a segment of
     tokens reduces to one (num, den, max) triple, and two segments merge by decaying the earlier
-    one by the later one's length. A Hillis-Steele scan does log2(T) such merges over all
-    positions, keeping the running-max rescaling so nothing overflows however strong the decay.
+    one by the later one's length. A Brent-Kung scan (`_scan4`) does this in 2 log2(T) rounds and
+    O(T) total work, keeping the running-max rescaling so nothing overflows however strong the
+    decay. Row 0 of the buffers holds the carried-in state, so row t is the state token t reads.
     """
     B, T, A = k.shape
-    a, b, p = v, torch.ones_like(v), k  # each token on its own, from an empty state
-    span = 1
-    while span < T:  # after this pass, position t covers tokens (t - 2*span, t]
-        a_new, b_new, p_new = _combine4(a[:, :-span], b[:, :-span], p[:, :-span], a[:, span:], b[:, span:], p[:, span:], span * w)
-        a = torch.cat([a[:, :span], a_new], 1)
-        b = torch.cat([b[:, :span], b_new], 1)
-        p = torch.cat([p[:, :span], p_new], 1)
-        span *= 2
+    P = 1 << (T - 1).bit_length()  # scan length: T rounded up to a power of two
+    a = k.new_zeros(B, 1 + P, A)
+    b = k.new_zeros(B, 1 + P, A)
+    p = k.new_full((B, 1 + P, A), -1e30)
+    a[:, 1 : T + 1], b[:, 1 : T + 1], p[:, 1 : T + 1] = v, 1.0, k  # each token alone, from empty
+    _scan4(a[:, 1:], b[:, 1:], p[:, 1:], w)
     # Bring in the carried state, decayed by the number of tokens since it was written.
+    a[:, 0], b[:, 0], p[:, 0] = num, den, mx
     steps = torch.arange(1, T + 1, device=k.device, dtype=torch.float32).view(1, T, 1)
-    a, b, p = _combine4(num.unsqueeze(1), den.unsqueeze(1), mx.unsqueeze(1), a, b, p, steps * w)
-    # Token t reads the state after tokens < t, plus its own key with the bonus u.
-    a_prev = torch.cat([num.unsqueeze(1), a[:, :-1]], 1)
-    b_prev = torch.cat([den.unsqueeze(1), b[:, :-1]], 1)
-    p_prev = torch.cat([mx.unsqueeze(1), p[:, :-1]], 1)
+    rows = slice(1, T + 1)
+    a[:, rows], b[:, rows], p[:, rows] = _combine4(num.unsqueeze(1), den.unsqueeze(1), mx.unsqueeze(1), a[:, rows], b[:, rows], p[:, rows], steps * w)
+    # Token t reads the state after tokens < t (row t), plus its own key with the bonus u.
+    a_prev, b_prev, p_prev = a[:, :T], b[:, :T], p[:, :T]
     uk = u + k
     q = torch.maximum(p_prev, uk)
     e1, e2 = torch.exp(p_prev - q), torch.exp(uk - q)
     y = (e1 * a_prev + e2 * v) / (e1 * b_prev + e2)
-    return y, a[:, -1], b[:, -1], p[:, -1]
+    return y, a[:, T].clone(), b[:, T].clone(), p[:, T].clone()
+
+
+def _scan4(a, b, p, w):
+    """In-place inclusive merge-scan over dim 1 (a power of two long): row t ends up holding
+    the merge of rows 0..t. Up-sweep: the last row of each 2s-block absorbs the summary of its
+    left half; down-sweep: the last row of each odd s-block absorbs the complete prefix before it."""
+    B, P, A = a.shape
+    blocks = lambda t, s: t.view(B, P // (2 * s), 2, s, A)  # noqa: E731
+    s = 1
+    while s < P:
+        left = [blocks(t, s)[:, :, 0, -1] for t in (a, b, p)]
+        right = [blocks(t, s)[:, :, 1, -1] for t in (a, b, p)]
+        for dst, val in zip(right, _combine4(*left, *right, s * w)):
+            dst.copy_(val)
+        s *= 2
+    s //= 4
+    while s >= 1:
+        done = [blocks(t, s)[:, :-1, 1, -1] for t in (a, b, p)]  # prefixes ending at (m+1)*2s - 1
+        todo = [blocks(t, s)[:, 1:, 0, -1] for t in (a, b, p)]  # the s-block right after each
+        for dst, val in zip(todo, _combine4(*done, *todo, s * w)):
+            dst.copy_(val)
+        s //= 2
 
 
 # ---------------------------------------------------------------------------------------------
