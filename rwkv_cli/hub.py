@@ -14,10 +14,10 @@ A spec is, in the order it is tried:
 * any Hub spec may end in `@REVISION` (a branch, tag or commit).
 
 Default model: `rwkv7-g1-0.4b`, unless `RWKV_MODEL` names another spec. G1 is BlinkDL's current
-chat and reasoning line (the World models are base models), so the default answers `rwkv chat`
-sensibly. 0.4B (24 layers, width 1024) is a ~0.9 GB download and ~1.8 GB of RAM in fp32, and CPU
-decoding reads every weight once per token, so it stays interactive without a GPU; 1.5B is a
-3 GB download and ~6 GB of RAM (about 3.5x slower per token on CPU), and 0.1B is a demo size.
+chat and reasoning line, so the default answers `rwkv chat` sensibly. 0.4B (24 layers, width
+1024) is a ~0.9 GB download and ~1.8 GB of RAM in fp32, and CPU decoding reads every weight once
+per token, so it stays interactive without a GPU; 1.5B is a 3 GB download, ~6 GB of RAM and ~3.5x
+the bytes read per token; 0.1B is a demo size.
 
 Downloads go through `huggingface_hub.hf_hub_download` into the standard cache, with its progress
 bars. It writes to a process-unique `*.incomplete` file next to the blob and only moves it into

@@ -54,7 +54,7 @@ def test_pull_from_the_cache_prints_the_path(hf_home):
     result = invoke(hf_home, "pull", "rwkv7-g1-0.1b", "-q")
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{path}\n"
-    result = invoke(hf_home, "pull", "BlinkDL/rwkv7-g1", "--revision", "main")
+    result = invoke(hf_home, "pull", "BlinkDL/rwkv7-g1", "--revision", "main", "--offline")
     assert result.stdout == f"{path}\n" and f"BlinkDL/rwkv7-g1:{V7_FILE}@{C1[:12]}" in result.stderr
 
 

@@ -33,6 +33,7 @@ def offline_option():
 def pull(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
     revision: str | None = revision_option(),
+    offline: bool = offline_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the path."),
 ) -> None:
     """Download a model into the Hugging Face cache (if needed) and print its local path.
@@ -44,9 +45,9 @@ def pull(
       rwkv pull BlinkDL/rwkv-7-world:RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth
       rwkv pull 'BlinkDL/rwkv7-g1:*-0.4b-*' --revision main -q
     """
-    from ..hub import resolve_model_option
+    from ..hub import resolve_model
 
-    found = resolve_model_option(model, revision=revision)
+    found = resolve_model(model, revision=revision, offline=offline, progress=not quiet)
     if not quiet and found.repo_id:
         typer.echo(f"{found.source}  {_size(found.path.stat().st_size)}", err=True)
     typer.echo(str(found.path))
