@@ -201,8 +201,7 @@ def _resolve_hub(spec: HubSpec, text: str, offline: bool, cache: Path, progress:
     # A new download asks for the branch or tag by name, so huggingface_hub records refs/<name>
     # for later offline runs; the commit is then read from the path it returns. A file already
     # cached at the listed commit is taken by commit: no HEAD request.
-    repo = cache / ("models--" + spec.repo_id.replace("/", "--"))
-    pinned = cache_only or (repo / "snapshots" / commit / filename).is_file()
+    pinned = cache_only or (_repo_dir(cache, spec) / "snapshots" / commit / filename).is_file()
     path = _download(
         spec, filename, commit if pinned else spec.revision or "main", cache, cache_only, progress
     )
@@ -225,7 +224,7 @@ def _cached_files(spec: HubSpec, cache: Path) -> list[tuple[str, str]]:
     """(file, commit) for the cached files of the repo at the revision; with no revision, main's
     snapshot if the spec finds something there, else every snapshot (a file cached at an older
     commit stays usable offline; a name seen twice keeps the first, main's or the newest)."""
-    repo = cache / ("models--" + spec.repo_id.replace("/", "--"))
+    repo = _repo_dir(cache, spec)
     snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         return []
@@ -240,6 +239,10 @@ def _cached_files(spec: HubSpec, cache: Path) -> list[tuple[str, str]]:
     for name, commit in main + [f for d in rest for f in _snapshot(snapshots, d.name)]:
         found.setdefault(name, commit)
     return list(found.items())
+
+
+def _repo_dir(cache: Path, spec: HubSpec) -> Path:
+    return cache / ("models--" + spec.repo_id.replace("/", "--"))  # the cache's layout for model repos
 
 
 def _snapshot(snapshots: Path, commit: str | None) -> list[tuple[str, str]]:
