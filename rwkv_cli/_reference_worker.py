@@ -6,9 +6,10 @@ starts this module with the right environment:
 
     python -m rwkv_cli._reference_worker JOBS.json
 
-Each job: {"checkpoint", "strategy", "prompt": [ids], "steps": [ids], "out": path.safetensors}.
-The output holds `prompt.logits`, `steps.logits` [S, V], and the reference's state list after the
-prompt and after the steps as `prompt.state.{j}` / `steps.state.{j}` (pip order, §9).
+Each job: {"checkpoint", "strategy", "prompt": [ids], "steps": [ids], "out": path.safetensors}
+and optionally "greedy": N. The output holds `prompt.logits`, `steps.logits` [S, V], and the
+reference's state list after the prompt and after the steps as `prompt.state.{j}` /
+`steps.state.{j}` (pip order, §9); with "greedy", `greedy.tokens`: N argmax tokens after the prompt.
 """
 
 import json
@@ -27,6 +28,12 @@ def run_job(job: dict) -> None:
     out = {}
     logits, state = model.forward(list(job["prompt"]), None)
     out["prompt.logits"] = logits.float().clone()
+    if job.get("greedy"):
+        tokens, lg, st = [], logits, [t.clone() for t in state]
+        for _ in range(job["greedy"]):
+            tokens.append(int(lg.argmax()))
+            lg, st = model.forward([tokens[-1]], st)
+        out["greedy.tokens"] = torch.tensor(tokens)
     for j, t in enumerate(state):
         out[f"prompt.state.{j}"] = t.float().clone()
     step_logits = []

@@ -476,9 +476,27 @@ def delete_cached(files: list[CachedFile], cache_dir: str | Path | None = None) 
                 whole.append(rev.commit_hash)
             else:
                 single += hit
-    strategies = ([info.delete_revisions(*whole)] if whole else []) + (
-        [info.delete_files(*single)] if single else []
-    )
+    strategies = [info.delete_revisions(*whole)] if whole else []
+    freed = 0
+    if single and hasattr(info, "delete_files"):  # huggingface_hub >= 2.0
+        strategies.append(info.delete_files(*single))
+    elif single:
+        freed = _delete_files_by_hand(info, single)
     for strategy in strategies:
         strategy.execute()
-    return sum(s.expected_freed_size for s in strategies)
+    return freed + sum(s.expected_freed_size for s in strategies)
+
+
+def _delete_files_by_hand(info, files) -> int:
+    """Older huggingface_hub: unlink the snapshot entries, and each blob no other entry uses."""
+    doomed = {f.file_path for f in files}
+    in_use = {
+        f.blob_path for repo in info.repos for rev in repo.revisions for f in rev.files if f.file_path not in doomed
+    }
+    freed = 0
+    for f in files:
+        f.file_path.unlink(missing_ok=True)
+        if f.blob_path not in in_use and f.blob_path.exists():
+            freed += f.size_on_disk
+            f.blob_path.unlink()
+    return freed

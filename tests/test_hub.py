@@ -305,7 +305,12 @@ def test_a_failed_download_leaves_nothing_loadable(cache, monkeypatch, fake_http
 # ----------------------------------------------------------------------------- list and delete
 
 
-def test_cached_files_and_deletion(cache, tmp_path):
+@pytest.mark.parametrize("hub_version", ["new", "old"])
+def test_cached_files_and_deletion(cache, tmp_path, hub_version, monkeypatch):
+    if hub_version == "old":  # huggingface_hub < 2.0 has no HFCacheInfo.delete_files
+        from huggingface_hub import HFCacheInfo
+
+        monkeypatch.delattr(HFCacheInfo, "delete_files")
     add_to_cache(cache, "me/m", {"a.pth": b"a", "b.pth": b"b"}, commit=C1)
     add_to_cache(cache, "me/m", {"a.pth": b"a"}, commit=C2, ref="v2")  # same blob as C1's a.pth
     add_to_cache(cache, "me/other", {"o.pth": b"o"}, commit=C3)  # commits are unique across repos

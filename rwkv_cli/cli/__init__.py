@@ -40,6 +40,7 @@ def _root(
 from . import info  # noqa: E402,F401  (registers commands)
 from . import models  # noqa: E402,F401
 from . import tokenize  # noqa: E402,F401
+from . import generate  # noqa: E402,F401
 
 
 def main() -> None:

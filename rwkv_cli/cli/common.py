@@ -1,0 +1,75 @@
+"""Options and helpers shared by the commands that run a model (`generate`, `chat`, `state`).
+
+Typer options are declared once here (as `Annotated` types) so every command spells and
+documents them the same way. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..hub import MODEL_HELP
+
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP, rich_help_panel="Model")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
+Offline = Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache.", rich_help_panel="Model")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: the GPU when there is one).", rich_help_panel="Model")]
+Dtype = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, fp16 on GPU).", rich_help_panel="Model")]
+
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (-1: until a stop).", rich_help_panel="Sampling")]
+Temperature = Annotated[Optional[float], typer.Option("--temperature", "--temp", help="0 = greedy.", rich_help_panel="Sampling")]
+TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus cut-off (applied before temperature).", rich_help_panel="Sampling")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: off).", rich_help_panel="Sampling")]
+MinP = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.", rich_help_panel="Sampling")]
+Presence = Annotated[Optional[float], typer.Option("--presence-penalty", help="Subtracted once a token has appeared.", rich_help_panel="Sampling")]
+Frequency = Annotated[Optional[float], typer.Option("--frequency-penalty", help="Subtracted per (decayed) occurrence.", rich_help_panel="Sampling")]
+Decay = Annotated[Optional[float], typer.Option("--penalty-decay", help="Occurrence counts decay by this per token.", rich_help_panel="Sampling")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same output).", rich_help_panel="Sampling")]
+Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable; not printed).", rich_help_panel="Sampling")]
+Ban = Annotated[Optional[list[int]], typer.Option("--ban-token", help="Never sample this token id (repeatable).", rich_help_panel="Sampling")]
+
+
+def err(message: str) -> None:
+    """A diagnostic line on stderr (stdout carries only generated text)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def sampling_params(defaults: dict, **flags):
+    """SamplingParams from the family defaults, overridden by the flags the user gave."""
+    from ..sampling import SamplingParams
+
+    try:
+        return SamplingParams(**defaults).with_overrides(**{k: v for k, v in flags.items() if v is not None})
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def load_model_for_cli(model: str | None, revision: str | None, offline: bool, device: str, dtype: str, quiet: bool = False):
+    """Resolve the spec, load the weights and the tokenizer; returns (model, tokenizer, resolved)."""
+    from ..engine import load_model
+    from ..hub import resolve_model_option
+    from ..tokenizer import load_tokenizer_for
+
+    resolved = resolve_model_option(model, offline=offline, revision=revision)
+    loaded = load_model(resolved.path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer_for(resolved.path, loaded.cfg.vocab_size, offline=offline or None)
+    if not quiet:
+        dtype_name = str(loaded.dtype).replace("torch.", "")
+        err(f"loaded {resolved.source}: {loaded.cfg.describe()} on {loaded.device} {dtype_name} ({loaded.load_seconds:.1f} s)")
+    return loaded, tokenizer, resolved
+
+
+def read_stdin_text() -> str | None:
+    """Piped stdin as text (None when stdin is a terminal); invalid UTF-8 is a one-line error."""
+    from ..errors import RWKVError
+
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RWKVError(f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None

@@ -1,0 +1,138 @@
+"""Sampling: ChatRWKV's decaying penalties and nucleus sampling, batched over B sequences.
+
+Order per step, as in BlinkDL's `PIPELINE` (`rwkv-models.md` §16): banned tokens get -inf; each
+seen token n loses presence + count[n] * frequency; then softmax; top-p (ties at the cut-off
+survive), top-k and min-p truncation at temperature 1; temperature as p^(1/T) on what is left;
+one multinomial draw. Temperature 0 is greedy. After each draw every count decays by
+`penalty_decay` and the drawn token's count grows by 1. Every parameter can differ per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+# PIPELINE_ARGS defaults of BlinkDL's `rwkv` package: for raw completion.
+GENERATE_DEFAULTS = dict(temperature=1.0, top_p=0.85, top_k=0, presence_penalty=0.2, frequency_penalty=0.2)
+# Chat defaults: ChatRWKV's API_DEMO_CHAT.py for RWKV-7 / World models, v2/chat.py for Pile-era models.
+CHAT_DEFAULTS = {
+    "world": dict(temperature=1.0, top_p=0.3, top_k=0, presence_penalty=0.5, frequency_penalty=0.5),
+    "pile": dict(temperature=1.2, top_p=0.5, top_k=0, presence_penalty=0.4, frequency_penalty=0.4),
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 0.85
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0: off
+    presence_penalty: float = 0.2
+    frequency_penalty: float = 0.2
+    penalty_decay: float = 0.996
+    seed: int | None = None  # None: random
+    ban_tokens: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.top_p <= 1, "top_p must lie in [0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p <= 1, "min_p must lie in [0, 1]"),
+            (0 <= self.penalty_decay <= 1, "penalty_decay must lie in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def with_overrides(self, **overrides) -> SamplingParams:
+        """A copy with the given (non-None) fields replaced; unknown names raise ValueError."""
+        names = {f.name for f in fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class Sampler:
+    """Samples one token per sequence per step, keeping each sequence's penalty counts."""
+
+    def __init__(self, params: list[SamplingParams], vocab_size: int, device="cpu"):
+        self.params = list(params)
+        self.vocab_size = vocab_size
+        B = len(self.params)
+        col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
+            [getattr(p, name) for p in self.params], dtype=dtype, device=device
+        ).view(B, 1)
+        self.temperature = col("temperature")
+        self.top_p, self.top_k, self.min_p = col("top_p"), col("top_k", torch.long), col("min_p")
+        self.presence, self.frequency, self.decay = col("presence_penalty"), col("frequency_penalty"), col("penalty_decay")
+        self.counts = torch.zeros(B, vocab_size, device=device)
+        self.seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        self.ban = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        for b, p in enumerate(self.params):
+            ids = [t for t in p.ban_tokens if 0 <= t < vocab_size]
+            self.ban[b, ids] = True
+        self.generators = [self._generator(p.seed, device) for p in self.params]
+
+    @staticmethod
+    def _generator(seed: int | None, device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        return gen
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these sequences (others finished), in this order."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.counts.device)
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence", "frequency", "decay", "counts", "seen", "ban"):
+            setattr(self, name, getattr(self, name)[idx])
+        self.params = [self.params[i] for i in rows]
+        self.generators = [self.generators[i] for i in rows]
+
+    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] after bans and decaying presence/frequency penalties."""
+        logits = logits[:, : self.vocab_size].float()
+        penalty = torch.where(self.seen, self.presence + self.counts * self.frequency, 0.0)
+        return (logits - penalty).masked_fill(self.ban, float("-inf"))
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draw one token per sequence from logits [B, V]; updates the penalty counts. -> [B]"""
+        probs = torch.softmax(self.penalized(logits), -1)
+        tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+        greedy = (self.temperature == 0).view(-1)
+        if greedy.any():
+            tokens[greedy] = probs[greedy].argmax(-1)
+        if not greedy.all():
+            rows = (~greedy).nonzero().view(-1).tolist()
+            kept = self._truncate(probs[rows], rows)
+            kept = kept ** (1.0 / self.temperature[rows])  # temperature after truncation (PIPELINE order)
+            kept = kept / kept.sum(-1, keepdim=True)
+            for i, b in enumerate(rows):
+                tokens[b] = torch.multinomial(kept[i], 1, generator=self.generators[b])[0]
+        self.record(tokens)
+        return tokens
+
+    def _truncate(self, probs: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        sorted_p, _ = torch.sort(probs, -1, descending=True)
+        # top-p: the cut-off is the probability where the cumulative sum first reaches top_p
+        cum = torch.cumsum(sorted_p, -1)
+        top_p = self.top_p[rows]
+        first = torch.searchsorted(cum, top_p.clamp(max=1.0 - 1e-7).contiguous()).clamp(max=probs.shape[-1] - 1)
+        cutoff = sorted_p.gather(-1, first)
+        # top-k: the k-th largest probability (k = 0: no limit)
+        top_k = self.top_k[rows]
+        kth = sorted_p.gather(-1, (top_k.clamp(min=1) - 1).clamp(max=probs.shape[-1] - 1))
+        cutoff = torch.where(top_k > 0, torch.maximum(cutoff, kth), cutoff)
+        cutoff = torch.maximum(cutoff, self.min_p[rows] * sorted_p[:, :1])
+        return torch.where(probs >= cutoff, probs, 0.0)
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Decay every count, then count the drawn tokens (also used for forced tokens)."""
+        self.counts.mul_(self.decay)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.counts[rows, tokens] += 1.0
+        self.seen[rows, tokens] = True
