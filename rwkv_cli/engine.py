@@ -90,7 +90,7 @@ class Model:
             outs.append(logits)
         logits = torch.cat(outs, 1) if full_output else outs[-1]
         logits = logits.float()
-        if not bool(torch.isfinite(logits).all()):
+        if not bool(torch.isfinite(logits.sum())):  # one reduction: NaN or inf anywhere shows in the sum
             hint = " (fp16 overflow? try --dtype bf16 or fp32)" if self.dtype == torch.float16 else ""
             raise NonFiniteError(f"the model produced non-finite logits{hint}")
         return logits, state

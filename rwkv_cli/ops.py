@@ -53,6 +53,14 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def batched_matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """m [..., R, C] @ x [..., C] -> [..., R]. For RWKV-7's per-head state products: NumPy runs
+    these 12 x 64 x 64 products in ~4 us against ~43 us for torch.bmm on the CPU."""
+    if _numpy_applies(x) and m.dtype == torch.float32:
+        return torch.from_numpy(_np.matmul(m.numpy(), x.contiguous().numpy()[..., None])[..., 0])
+    return (m @ x.unsqueeze(-1)).squeeze(-1)
+
+
 @contextmanager
 def cpu_forward_threads(x: torch.Tensor):
     """Run torch single-threaded around a forward whose products NumPy's BLAS will do."""

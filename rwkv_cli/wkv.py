@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops import batched_matvec
+
 # ---------------------------------------------------------------------------------------------
 # RWKV-4: a per-channel decayed average with a running log-scale (paper eq. 14-16, §7.1 of the
 # notes). State (num, den, max) means numerator = num * e^max, denominator = den * e^max.
@@ -100,13 +102,12 @@ def wkv7_step(S, r, log_decay, k, v, kk, a):
     B, H, N = r.shape
     r, k, v, kk, a = (t.float().reshape(B * H, N) for t in (r, k, v, kk, a))
     S_flat = S.reshape(B * H, N, N)
-    removed = torch.bmm(S_flat, -kk.unsqueeze(2))  # S alpha: [BH, N, 1]
+    removed = batched_matvec(S_flat, -kk)  # S alpha: [BH, N]
     # Both rank-1 terms in one batched product: [S alpha | v] @ [beta ; k]  -> [BH, N, N]
-    left = torch.cat([removed, v.unsqueeze(2)], 2)
+    left = torch.stack([removed, v], 2)
     right = torch.stack([kk * a, k], 1)
     S_new = (S_flat * torch.exp(log_decay).reshape(B * H, 1, N)).baddbmm_(left, right)
-    out = torch.bmm(S_new, r.unsqueeze(2))
-    return out.view(B, H, N), S_new.view(B, H, N, N)
+    return batched_matvec(S_new, r).view(B, H, N), S_new.view(B, H, N, N)
 
 
 def wkv7_sequence(S, r, log_decay, k, v, kk, a, chunk: int = 64):

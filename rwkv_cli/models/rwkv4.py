@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..ops import linear, linear_fp32_out
 from ..state import RWKV4LayerState, State
 from ..wkv import wkv4_sequence, wkv4_step
-from .common import RWKVBase, WeightLoader, token_shift
+from .common import RWKVBase, WeightLoader, np, np_layer_norm, np_sigmoid, token_shift
 
 # fp16 keeps the residual stream in range by halving it every RESCALE_EVERY layers, with the
 # output projections pre-divided to match; LayerNorms make this invisible to the result (§8).
@@ -111,3 +111,28 @@ class RWKV4(RWKVBase):
         r = torch.sigmoid(linear(xr, lw.ffn_receptance))
         hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
         return r * linear(hidden, lw.ffn_value), xx[:, -1]
+
+    def step_numpy(self, w, x, st):
+        """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32 only, so no rescaling)."""
+        new = []
+        for lw, s in zip(w.layers, st):
+            xx = np_layer_norm(x, *lw.ln1)
+            xk, xv, xr = s.att_shift + (xx - s.att_shift) * lw.att_mix[:, 0]
+            r = np_sigmoid(xr @ lw.W_r.T)
+            k, v = xk @ lw.W_k.T, xv @ lw.W_v.T
+            # wkv_step: read the decayed average with the bonus, then absorb this token
+            uk = lw.bonus + k
+            q = np.maximum(s.wkv_max, uk)
+            e1, e2 = np.exp(s.wkv_max - q), np.exp(uk - q)
+            y = (e1 * s.wkv_num + e2 * v) / (e1 * s.wkv_den + e2)
+            decayed = s.wkv_max + lw.decay
+            q = np.maximum(decayed, k)
+            e1, e2 = np.exp(decayed - q), np.exp(k - q)
+            num, den = e1 * s.wkv_num + e2 * v, e1 * s.wkv_den + e2
+            x = x + (r * y) @ lw.W_o.T
+            xx2 = np_layer_norm(x, *lw.ln2)
+            xk, xr = s.ffn_shift + (xx2 - s.ffn_shift) * lw.ffn_mix[:, 0]
+            hidden = np.maximum(xk @ lw.ffn_key.T, 0)
+            x = x + np_sigmoid(xr @ lw.ffn_receptance.T) * ((hidden * hidden) @ lw.ffn_value.T)
+            new.append(type(s)(att_shift=xx, wkv_num=num, wkv_den=den, wkv_max=q, ffn_shift=xx2))
+        return x, new

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..ops import linear
 from ..state import RWKV7LayerState, State
 from ..wkv import wkv7_sequence, wkv7_step
-from .common import RWKVBase, WeightLoader, token_shift
+from .common import RWKVBase, WeightLoader, np, np_layer_norm, np_sigmoid, token_shift
 
 # Decay d = exp(-e^-0.5 * sigmoid(z)) lies in (0.545, 1): log d = -e^-0.5 * sigmoid(z)  (step 3)
 DECAY_SCALE = math.exp(-0.5)
@@ -141,3 +141,39 @@ class RWKV7(RWKVBase):
         xk = torch.addcmul(xx, token_shift(xx, st.ffn_shift) - xx, lw.ffn_mix)
         hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
         return linear(hidden, lw.ffn_value), xx[:, -1]
+
+    def step_numpy(self, w, x, st):
+        """The RNN step of `time_mix` + `channel_mix` in NumPy (same equations, numbered there)."""
+        B, C = x.shape
+        H, N = self.cfg.n_head, self.cfg.head_size
+        new, v_first = [], None
+        for lw, s in zip(w.layers, st):
+            xx = np_layer_norm(x, *lw.ln1)
+            xr, xk, xv, xw, xa, xg = xx + (s.att_shift - xx) * lw.mix[:, 0]  # 1. [6, B, C]
+            r, k, v = xr @ lw.W_r.T, xk @ lw.W_k.T, xv @ lw.W_v.T  # 2.
+            log_decay = -DECAY_SCALE * np_sigmoid(lw.w0 + np.tanh(xw @ lw.w1.T) @ lw.w2.T)  # 3.
+            a = np_sigmoid(lw.a0 + (xa @ lw.a1.T) @ lw.a2.T)  # 4.
+            g = np_sigmoid(xg @ lw.g1.T) @ lw.g2.T  # 5.
+            kk = (k * lw.k_k).reshape(B, H, N)  # 6.
+            kk = kk / np.maximum(np.sqrt((kk * kk).sum(-1, keepdims=True)), 1e-12)
+            k = k * (1 + (a - 1) * lw.k_a)
+            if lw.v0 is None:  # 7.
+                v_first = v
+            else:
+                v = v + (v_first - v) * np_sigmoid(lw.v0 + (xv @ lw.v1.T) @ lw.v2.T)
+            r, k, v, a = (t.reshape(B, H, N) for t in (r, k, v, a))
+            # 8. S <- S diag(d) + [S alpha | v] @ [beta ; k]   9. y = S r
+            removed = s.wkv @ -kk[..., None]
+            S = s.wkv * np.exp(log_decay).reshape(B, H, 1, N)
+            S += np.concatenate([removed, v[..., None]], -1) @ np.stack([kk * a, k], -2)
+            y = (S @ r[..., None])[..., 0]
+            mu = y.mean(-1, keepdims=True)  # 10. GroupNorm over each head, eps 64e-5
+            d = y - mu
+            y = (d / np.sqrt(np.mean(d * d, -1, keepdims=True) + 64e-5)).reshape(B, C) * lw.ln_x[0] + lw.ln_x[1]
+            y = y + ((r * k * lw.r_k).sum(-1, keepdims=True) * v).reshape(B, C)  # 11.
+            x = x + (y * g) @ lw.W_o.T  # 12.
+            xx2 = np_layer_norm(x, *lw.ln2)
+            hidden = np.maximum((xx2 + (s.ffn_shift - xx2) * lw.ffn_mix) @ lw.ffn_key.T, 0)
+            x = x + (hidden * hidden) @ lw.ffn_value.T
+            new.append(type(s)(att_shift=xx, wkv=S, ffn_shift=xx2))
+        return x, new
