@@ -53,6 +53,15 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b (RWKV-7's per-head chunk products). NumPy's BLAS is ~1.7x faster than
+    torch.bmm single-threaded at 64 x 64 x 64; operands are made contiguous first, since NumPy
+    loops slowly over transposed stacks."""
+    if _numpy_applies(a) and b.dtype == torch.float32:
+        return torch.from_numpy(_np.matmul(a.contiguous().numpy(), b.contiguous().numpy()))
+    return a @ b
+
+
 def batched_matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """m [..., R, C] @ x [..., C] -> [..., R]. For RWKV-7's per-head state products: NumPy runs
     these 12 x 64 x 64 products in ~4 us against ~43 us for torch.bmm on the CPU."""

@@ -9,9 +9,11 @@ the reference twins of the CUDA kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .ops import batched_matvec
+from .ops import batched_matvec, matmul
 
 # ---------------------------------------------------------------------------------------------
 # RWKV-4: a per-channel decayed average with a running log-scale (paper eq. 14-16, §7.1 of the
@@ -138,23 +140,27 @@ def _wkv7_chunk(S, r, log_decay, k, v, alpha, beta):
     L = torch.cumsum(log_decay, 2)  # log D_t, inclusive
     L_prev = L - log_decay  # log D_{t-1}
     mid = L[:, :, T // 2 : T // 2 + 1]  # reference point for the factored ratios
-    alpha_up = alpha * torch.exp(L_prev - mid)
-    r_up = r * torch.exp(L - mid)
     inv = torch.exp(mid - L)
-    beta_dn, k_dn = beta * inv, k * inv
-    strict = torch.ones(T, T, dtype=torch.bool, device=r.device).tril(-1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=r.device).tril()
-    zero = torch.zeros((), device=r.device)
-    A_ab = torch.where(strict, alpha_up @ beta_dn.transpose(-1, -2), zero)  # [B, H, T, T]
-    A_ak = torch.where(strict, alpha_up @ k_dn.transpose(-1, -2), zero)
-    A_rb = torch.where(causal, r_up @ beta_dn.transpose(-1, -2), zero)
-    A_rk = torch.where(causal, r_up @ k_dn.transpose(-1, -2), zero)
+    # All four [T, T] coefficient blocks in one product: rows (alpha_t, r_t), columns (beta_s, k_s):
+    #   A[t, s] = sum_i q_t,i * key_s,i * D_{t or t-1, i} / D_{s, i}, causal-masked.
+    queries = torch.cat([alpha * torch.exp(L_prev - mid), r * torch.exp(L - mid)], 2)  # [B, H, 2T, N]
+    keys_t = torch.cat([(beta * inv).transpose(-1, -2), (k * inv).transpose(-1, -2)], -1)  # [B, H, N, 2T]
+    A = torch.where(_chunk_mask(T, r.device), matmul(queries, keys_t), 0.0)
+    A_ab, A_ak, A_rb, A_rk = A[..., :T, :T], A[..., :T, T:], A[..., T:, :T], A[..., T:, T:]
     S_t = S.transpose(-1, -2)  # [B, H, key, value]
     # (I - A_ab) h = S_0 (D_{t-1} alpha_t) + sum_{s<t} A_ak[t, s] v_s, rows are time.
-    rhs = (alpha * torch.exp(L_prev)) @ S_t + A_ak @ v
+    rhs = matmul(torch.cat([alpha * torch.exp(L_prev), A_ak], -1), torch.cat([S_t, v], -2))
     eye = torch.eye(T, device=r.device)
     h = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
-    o = (r * torch.exp(L)) @ S_t + A_rb @ h + A_rk @ v  # [B, H, T, N]
+    o = matmul(torch.cat([r * torch.exp(L), A_rb, A_rk], -1), torch.cat([S_t, h, v], -2))  # [B, H, T, N]
     to_end = torch.exp(L[:, :, -1:] - L)  # D_last / D_s, <= 1
-    S = S * torch.exp(L[:, :, -1]).unsqueeze(2) + h.transpose(-1, -2) @ (beta * to_end) + v.transpose(-1, -2) @ (k * to_end)
-    return o, S
+    written = matmul(torch.cat([h, v], 2).transpose(-1, -2), torch.cat([beta * to_end, k * to_end], 2))
+    return o, S * torch.exp(L[:, :, -1]).unsqueeze(2) + written
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_mask(T: int, device) -> torch.Tensor:
+    """[2T, 2T]: strictly causal for the alpha rows (they see the state before t), causal for r."""
+    strict = torch.ones(T, T, dtype=torch.bool, device=device).tril(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.cat([strict, strict], 1), torch.cat([causal, causal], 1)], 0)
