@@ -22,6 +22,9 @@ CHAT_DEFAULTS = {
 }
 
 
+CANDIDATES = (256, 4096)  # partial sorts tried before a full sort of the vocabulary
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -108,27 +111,42 @@ class Sampler:
             tokens[greedy] = probs[greedy].argmax(-1)
         if not greedy.all():
             rows = (~greedy).nonzero().view(-1).tolist()
-            kept = self._truncate(probs[rows], rows)
-            kept = kept ** (1.0 / self.temperature[rows])  # temperature after truncation (PIPELINE order)
-            kept = kept / kept.sum(-1, keepdim=True)
-            for i, b in enumerate(rows):
-                tokens[b] = torch.multinomial(kept[i], 1, generator=self.generators[b])[0]
+            # Truncation only needs the head of the sorted distribution: take the top CANDIDATES
+            # (a partial sort, ~25x cheaper than sorting 65k probabilities), widening only for
+            # rows whose kept set might extend past them (flat distributions, large top-p).
+            pending = rows
+            for k in (*CANDIDATES, probs.shape[-1]):
+                top_p, top_i = probs[pending].topk(min(k, probs.shape[-1]), -1)
+                kept, complete = self._truncate(top_p, pending)
+                last = k >= probs.shape[-1]
+                for n, b in enumerate(pending):
+                    if complete[n] or last:
+                        p = kept[n] ** (1.0 / float(self.temperature[b]))  # temperature after truncation
+                        tokens[b] = top_i[n, torch.multinomial(p / p.sum(), 1, generator=self.generators[b])[0]]
+                pending = [b for n, b in enumerate(pending) if not complete[n]]
+                if not pending or last:
+                    break
         self.record(tokens)
         return tokens
 
-    def _truncate(self, probs: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        sorted_p, _ = torch.sort(probs, -1, descending=True)
+    def _truncate(self, sorted_p: torch.Tensor, rows: list[int]):
+        """sorted_p [R, K]: the K largest probabilities of each row, descending. Returns the kept
+        probabilities (others zeroed) and, per row, whether the kept set surely lies within K."""
         # top-p: the cut-off is the probability where the cumulative sum first reaches top_p
         cum = torch.cumsum(sorted_p, -1)
         top_p = self.top_p[rows]
-        first = torch.searchsorted(cum, top_p.clamp(max=1.0 - 1e-7).contiguous()).clamp(max=probs.shape[-1] - 1)
-        cutoff = sorted_p.gather(-1, first)
-        # top-k: the k-th largest probability (k = 0: no limit)
+        first = torch.searchsorted(cum, top_p.clamp(max=1.0 - 1e-6).contiguous())
+        cutoff = sorted_p.gather(-1, first.clamp(max=sorted_p.shape[-1] - 1))
+        cutoff = torch.where(first >= sorted_p.shape[-1], 0.0, cutoff)  # not reached within K
+        # top-k: the k-th largest probability (k = 0: no limit; k beyond K: unknown here)
         top_k = self.top_k[rows]
-        kth = sorted_p.gather(-1, (top_k.clamp(min=1) - 1).clamp(max=probs.shape[-1] - 1))
-        cutoff = torch.where(top_k > 0, torch.maximum(cutoff, kth), cutoff)
+        kth = sorted_p.gather(-1, (top_k.clamp(min=1) - 1).clamp(max=sorted_p.shape[-1] - 1))
+        cutoff = torch.where((top_k > 0) & (top_k <= sorted_p.shape[-1]), torch.maximum(cutoff, kth), cutoff)
         cutoff = torch.maximum(cutoff, self.min_p[rows] * sorted_p[:, :1])
-        return torch.where(probs >= cutoff, probs, 0.0)
+        # Every probability outside the K is <= the last one here: the set is complete when that
+        # last one is already cut off (ties at the cut-off survive, so equality is not enough).
+        complete = (sorted_p[:, -1:] < cutoff).view(-1).tolist()
+        return torch.where(sorted_p >= cutoff, sorted_p, 0.0), complete
 
     def record(self, tokens: torch.Tensor) -> None:
         """Decay every count, then count the drawn tokens (also used for forced tokens)."""
