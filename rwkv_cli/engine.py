@@ -58,6 +58,8 @@ class Model:
     net: object  # the per-version module (models/rwkv4.py, models/rwkv7.py)
     path: Path
     load_seconds: float
+    fingerprint: str = ""  # identifies the weights (see `weights_fingerprint`); state files record it
+    source: str | None = None  # how the user named the model (a Hub spec), for messages
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     @property
@@ -118,4 +120,24 @@ def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str
     dt = resolve_dtype(dtype, dev)
     cfg, tensors = load_checkpoint(path)
     net = model_class(cfg.version)(cfg, tensors, dt, dev)
-    return Model(cfg, net, Path(path), time.perf_counter() - t0)
+    return Model(cfg, net, Path(path), time.perf_counter() - t0, weights_fingerprint(cfg, tensors))
+
+
+def weights_fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], samples: int = 64) -> str:
+    """A short hash of the config and of `samples` evenly spaced values of every tensor, in fp32.
+
+    It tells apart any two checkpoints that differ anywhere near those positions (different
+    models, fine-tunes, files of the same shape), costs milliseconds instead of hashing gigabytes,
+    and does not depend on the run dtype or on .pth versus safetensors.
+    """
+    import hashlib
+
+    h = hashlib.sha256(repr(sorted(vars(cfg).items())).encode())
+    for name in sorted(tensors):
+        flat = tensors[name].reshape(-1)
+        if flat.numel() == 0:
+            continue
+        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+        h.update(name.encode())
+        h.update(flat[idx].float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -97,6 +97,9 @@ class Generation:
     logits: torch.Tensor | None = None  # with a state and no prompt: the logits that state ends with
 
     def __post_init__(self):
+        # the state and logits before the last token fed (e.g. before a stop string's last token)
+        self.prev_state: State | None = None
+        self.prev_logits: torch.Tensor | None = None
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -120,6 +123,7 @@ class Generation:
                 self.finish_reason = "stop"
                 break
             logits, state = model.forward([[token]], self.state)
+            self.prev_logits, self.prev_state = self.logits, self.state
             self.logits, self.state = logits, state
             self.tokens.append(token)
             self.timings.generated_tokens += 1

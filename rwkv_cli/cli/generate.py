@@ -22,6 +22,8 @@ def generate(
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the prompt from this file.", rich_help_panel="Input")] = None,
     batch: Annotated[Optional[Path], typer.Option("--batch", help="JSONL file, one {\"prompt\": ...} per line; writes one JSON line per input, in order.", rich_help_panel="Input")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together with --batch (0: 8 on CPU, 64 on GPU).", rich_help_panel="Input")] = 0,
+    state: Annotated[Optional[Path], typer.Option("--state", help="Start from this state file (rwkv state save / chat --state); the prompt may then be empty.", rich_help_panel="Input")] = None,
+    save_state: Annotated[Optional[Path], typer.Option("--save-state", help="Save the state after generating (to continue later).", rich_help_panel="Output")] = None,
     model: c.Model = None,
     revision: c.Revision = None,
     offline: c.Offline = False,
@@ -64,11 +66,21 @@ def generate(
         size = batch_size or (64 if net.device.type == "cuda" else 8)
         _run_batch(net, tok, lines, params, max_tokens, tuple(stop or ()), size, not ignore_eos)
         return
-    text = _prompt_text(prompt, file)
-    net, tok, _ = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
+    text = _prompt_text(prompt, file, allow_empty=state is not None)
+    net, tok, resolved = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
+    net.source = resolved.source
     from ..generate import Generation
 
-    gen = Generation(net, tok, tok.encode(text), params, max_tokens, tuple(stop or ()), stop_at_eos=not ignore_eos)
+    start_state = start_logits = None
+    if state is not None:
+        from ..statefile import load_state
+
+        saved = load_state(state, net)
+        start_state, start_logits = saved.state, saved.logits
+        if not text and start_logits is None:
+            raise typer.BadParameter(f"{state} holds no logits to continue from; give a prompt")
+    gen = Generation(net, tok, tok.encode(text) if text else [], params, max_tokens, tuple(stop or ()),
+                     stop_at_eos=not ignore_eos, state=start_state, logits=start_logits)
     out = sys.stdout
     try:
         for piece in gen:
@@ -86,11 +98,18 @@ def generate(
         print(json.dumps(gen.as_dict(), ensure_ascii=False))
     elif out.isatty():
         out.write("\n")
+    if save_state is not None:
+        from ..statefile import save_state as write_state
+
+        write_state(save_state, gen.state, net, logits=gen.logits, kind="generate", tokenizer=getattr(tok, "name", "unknown"),
+                    tokens=len(gen.prompt_ids) + len(gen.tokens), text=text + gen.text, transcript=[])
+        if not quiet:
+            c.err(f"state saved to {save_state}")
     if not quiet:
         c.err(f"[{gen.finish_reason}] {gen.timings.summary()}")
 
 
-def _prompt_text(prompt: str | None, file: Path | None) -> str:
+def _prompt_text(prompt: str | None, file: Path | None, allow_empty: bool = False) -> str:
     from ..errors import RWKVError
 
     stdin = c.read_stdin_text()
@@ -111,7 +130,7 @@ def _prompt_text(prompt: str | None, file: Path | None) -> str:
     if stdin:
         parts.append(stdin)
     text = "\n\n".join(parts)
-    if not text.strip():
+    if not text.strip() and not (allow_empty and not text):
         raise typer.BadParameter("empty prompt: give it as an argument, on stdin, or with --file", param_hint="PROMPT")
     return text
 

@@ -1,0 +1,310 @@
+"""`rwkv chat`: an interactive conversation kept as a recurrent state (undo, retry, save, resume).
+
+In a terminal the input is a prompt-toolkit line editor with a persistent history; when stdin is
+not a terminal, lines are read plainly (one message or command per line), so chats can be scripted.
+Replies stream to stdout; notices go to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from . import common as c
+
+HELP = """Commands:
+  /help                 this list
+  /bye, /exit           leave (Ctrl-D too)
+  /reset                start over (keeps the system prompt)
+  /undo                 drop the last exchange
+  /retry                sample the last reply again
+  /continue             extend the last reply
+  /system TEXT          set the system prompt and start over (/system alone clears it)
+  /set KEY VALUE        temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty,
+                        penalty_decay, seed, max_tokens, think (on/off/default)
+  /show                 model, settings, tokens in the state, state size
+  /save [PATH]          save the conversation (state + transcript)
+  /load PATH            load a saved conversation
+  /transcript           print the conversation so far
+Enter sends; a line with just \"\"\" starts and ends a multi-line message. Ctrl-C stops a reply."""
+
+
+def app_dir() -> Path:
+    return Path(os.environ.get("RWKV_CLI_HOME") or typer.get_app_dir("rwkv-cli"))
+
+
+@app.command()
+def chat(
+    model: c.Model = None,
+    revision: c.Revision = None,
+    offline: c.Offline = False,
+    device: c.Device = "auto",
+    dtype: c.Dtype = "auto",
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.", rich_help_panel="Chat")] = None,
+    state_file: Annotated[Optional[Path], typer.Option("--state", help="Resume this saved conversation (if it exists) and keep it saved after every turn.", rich_help_panel="Chat")] = None,
+    init_state: Annotated[Optional[Path], typer.Option("--init-state", help="A BlinkDL state-tuned file (blocks.N.att.time_state) as the initial state (RWKV-7).", rich_help_panel="Chat")] = None,
+    think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="G1 reasoning on (<think) or off (empty think block); default: no think tags.", rich_help_panel="Chat")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template: your text goes to the model as is.", rich_help_panel="Chat")] = False,
+    show_transcript: Annotated[bool, typer.Option("--transcript", help="Print the resumed conversation first.", rich_help_panel="Chat")] = False,
+    no_history: Annotated[bool, typer.Option("--no-history", help="Do not keep an input history file.", rich_help_panel="Chat")] = False,
+    max_tokens: c.MaxTokens = 1024,
+    temperature: c.Temperature = None,
+    top_p: c.TopP = None,
+    top_k: c.TopK = None,
+    min_p: c.MinP = None,
+    presence_penalty: c.Presence = None,
+    frequency_penalty: c.Frequency = None,
+    penalty_decay: c.Decay = None,
+    seed: c.Seed = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Fewer notices on stderr.")] = False,
+) -> None:
+    """Chat with a model. The conversation is the model's recurrent state: /undo, /retry and
+    /save are instant, and --state resumes it later without re-reading anything.
+
+    \b
+    Examples:
+      rwkv chat -m rwkv7-g1-0.4b
+      rwkv chat --state ~/notes.rwkvstate          # resume, autosave after each turn
+      echo "Hello" | rwkv chat -m model.pth --temp 0
+    """
+    from ..sampling import CHAT_DEFAULTS
+    from ..session import ChatSession
+    from ..statefile import load_state, load_tuned_state
+
+    net, tok, resolved = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
+    net.source = resolved.source
+    family = "world" if getattr(tok, "name", "") == "world" or net.cfg.version == "7" else "pile"
+    defaults = dict(CHAT_DEFAULTS[family])
+    if init_state is not None:  # a tuned state wants less randomness (ChatRWKV)
+        defaults.update(top_p=0.2, presence_penalty=0.3, frequency_penalty=0.3)
+    flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
+    params = c.sampling_params(defaults, **flags)
+    tuned = load_tuned_state(init_state, net) if init_state is not None else None
+    session = ChatSession(net, tok, params, system=system, think=think, raw=raw, max_tokens=max_tokens, init_state=tuned)
+    ui = ChatUI(session, state_file, quiet, history=not (no_history or os.environ.get("RWKV_NOHISTORY")))
+    if state_file is not None and state_file.exists():
+        saved = load_state(state_file, net)
+        ui.restore(saved)
+        if not quiet:
+            c.err(f"resumed {state_file}: {len(session.exchanges)} exchanges, {session.tokens_consumed} tokens")
+        if show_transcript:
+            ui.print_transcript()
+    ui.run()
+
+
+class ChatUI:
+    """The read-eval-print loop: input, slash commands, streaming replies, autosave."""
+
+    def __init__(self, session, state_file: Path | None, quiet: bool, history: bool):
+        self.s, self.state_file, self.quiet = session, state_file, quiet
+        self.tty = sys.stdin.isatty() and sys.stdout.isatty()
+        self.prompt_session = self._prompt_session(history) if self.tty else None
+        self.created = None
+
+    # -- input ----------------------------------------------------------------------------------
+    def _prompt_session(self, history: bool):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+        from prompt_toolkit.completion import WordCompleter
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        if history:
+            app_dir().mkdir(parents=True, exist_ok=True)
+            hist = FileHistory(str(app_dir() / "chat_history"))
+        else:
+            hist = InMemoryHistory()
+        commands = ["/help", "/bye", "/exit", "/reset", "/undo", "/retry", "/continue", "/system", "/set", "/show", "/save", "/load", "/transcript"]
+        return PromptSession(history=hist, auto_suggest=AutoSuggestFromHistory(),
+                             completer=WordCompleter(commands, sentence=True), complete_while_typing=False)
+
+    def _read_line(self, continuation: bool = False) -> str:
+        """One line; EOFError at the end of input or Ctrl-D."""
+        if self.prompt_session is not None:
+            return self.prompt_session.prompt("... " if continuation else ">>> ")
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    def read_message(self) -> str:
+        """A message: one line, or several between lines holding only \"\"\"."""
+        line = self._read_line()
+        if line.strip() != '"""':
+            return line
+        lines = []
+        while True:
+            line = self._read_line(continuation=True)
+            if line.strip() == '"""':
+                return "\n".join(lines)
+            lines.append(line)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.tty and not self.quiet:
+            c.err("Type /help for commands, /bye or Ctrl-D to leave.")
+        while True:
+            try:
+                text = self.read_message()
+            except KeyboardInterrupt:
+                c.err("(Ctrl-C stops a reply; use /bye or Ctrl-D to leave)")
+                continue
+            except EOFError:
+                break
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("/"):
+                if self.command(text.strip()) == "exit":
+                    break
+                continue
+            self.stream(self.s.send(text))
+        self.autosave()
+
+    def stream(self, pieces) -> None:
+        """Print a reply as it arrives; Ctrl-C stops it but keeps what was said (and the state)."""
+        out, first = sys.stdout, True
+        try:
+            for piece in pieces:
+                if first:
+                    piece, first = piece.lstrip(" "), False
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("\n")
+            out.flush()
+            c.err("[interrupted]")
+            self.autosave()
+            return
+        out.write("\n")
+        out.flush()
+        self.autosave()
+
+    # -- commands -------------------------------------------------------------------------------
+    def command(self, line: str) -> str | None:
+        from ..errors import RWKVError
+
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        handler = COMMANDS.get(name)
+        if handler is None:
+            c.err(f"unknown command {name} (try /help)")
+            return None
+        try:
+            return handler(self, arg)
+        except (ValueError, RWKVError) as e:
+            c.err(f"error: {e}")
+            return None
+
+    def cmd_help(self, arg):
+        print(HELP, file=sys.stderr)
+
+    def cmd_bye(self, arg):
+        return "exit"
+
+    def cmd_reset(self, arg):
+        self.s.reset()
+        c.err("(conversation reset)")
+        self.autosave()
+
+    def cmd_undo(self, arg):
+        ex = self.s.undo()
+        if ex is None:
+            c.err("(nothing to undo in this session)")
+            return
+        c.err(f"(removed: {ex.user[:60]!r})")
+        self.autosave()
+
+    def cmd_retry(self, arg):
+        self.stream(self.s.retry())
+
+    def cmd_continue(self, arg):
+        self.stream(self.s.continue_reply())
+
+    def cmd_system(self, arg):
+        self.s.set_system(arg or None)
+        c.err("(system prompt set; conversation reset)" if arg else "(system prompt cleared; conversation reset)")
+        self.autosave()
+
+    def cmd_set(self, arg):
+        key, _, value = arg.partition(" ")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not key or not value:
+            raise ValueError("usage: /set KEY VALUE")
+        if key == "max_tokens":
+            self.s.max_tokens = int(value)
+        elif key == "think":
+            self.s.think = {"on": True, "off": False, "default": None}[value]
+        else:
+            kind = {"top_k": int, "seed": int}.get(key, float)
+            self.s.params = self.s.params.with_overrides(**{key: kind(value)})
+        c.err(f"({key} = {value})")
+
+    def cmd_show(self, arg):
+        s, net = self.s, self.s.model
+        state_mb = (s.state.nbytes if s.state is not None else net.cfg.state_numel() * 4) / 1e6
+        rows = [
+            ("model", f"{getattr(net, 'source', None) or net.path} ({net.cfg.describe()})"),
+            ("device", f"{net.device} {str(net.dtype).replace('torch.', '')}"),
+            ("tokens in state", s.tokens_consumed),
+            ("state size", f"{state_mb:.2f} MB (the same after 5 turns or 5,000)"),
+            ("exchanges", len(s.exchanges)),
+            ("system", s.system or "-"),
+            ("think", {True: "on", False: "off", None: "default"}[s.think]),
+            ("max_tokens", s.max_tokens),
+            ("sampling", ", ".join(f"{k}={v}" for k, v in vars(s.params).items() if k != "ban_tokens")),
+            ("autosave", str(self.state_file) if self.state_file else "off"),
+        ]
+        for key, value in rows:
+            print(f"{key:>16}: {value}", file=sys.stderr)
+
+    def cmd_save(self, arg):
+        path = Path(arg).expanduser() if arg else (self.state_file or app_dir() / "sessions" / time.strftime("chat-%Y%m%d-%H%M%S.rwkvstate"))
+        self.save(path)
+        c.err(f"(saved to {path})")
+
+    def cmd_load(self, arg):
+        from ..statefile import load_state
+
+        if not arg:
+            raise ValueError("usage: /load PATH")
+        self.restore(load_state(Path(arg).expanduser(), self.s.model))
+        c.err(f"(loaded {arg}: {len(self.s.exchanges)} exchanges, {self.s.tokens_consumed} tokens)")
+
+    def cmd_transcript(self, arg):
+        self.print_transcript()
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        from ..statefile import save_state
+
+        state = self.s.state if self.s.state is not None else self.s.model.zero_state()
+        save_state(path, state, self.s.model, logits=self.s.logits, created=self.created, **self.s.metadata())
+
+    def autosave(self) -> None:
+        if self.state_file is not None:
+            self.save(self.state_file)
+
+    def restore(self, saved) -> None:
+        self.created = saved.meta.get("created")
+        self.s.params = self.s.params.with_overrides(**{k: v for k, v in (saved.meta.get("sampling") or {}).items()
+                                                       if k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "penalty_decay")})
+        self.s.restore(saved.state, saved.meta, saved.logits)
+
+    def print_transcript(self) -> None:
+        for ex in self.s.exchanges:
+            print(f">>> {ex.user}\n{ex.reply.strip()}" + (" [interrupted]" if ex.interrupted else ""))
+
+
+COMMANDS = {
+    "/help": ChatUI.cmd_help, "/?": ChatUI.cmd_help, "/bye": ChatUI.cmd_bye, "/exit": ChatUI.cmd_bye,
+    "/quit": ChatUI.cmd_bye, "/reset": ChatUI.cmd_reset, "/clear": ChatUI.cmd_reset, "/undo": ChatUI.cmd_undo,
+    "/retry": ChatUI.cmd_retry, "/continue": ChatUI.cmd_continue, "/system": ChatUI.cmd_system,
+    "/set": ChatUI.cmd_set, "/show": ChatUI.cmd_show, "/save": ChatUI.cmd_save, "/load": ChatUI.cmd_load,
+    "/transcript": ChatUI.cmd_transcript,
+}

@@ -1,0 +1,121 @@
+"""`rwkv chat` end to end: scripted (stdin) and in a pseudo-terminal (pexpect), and `rwkv state`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rwkv_cli import load_model
+from rwkv_cli.statefile import load_state, read_meta
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", RWKV_NOHISTORY="1", PROMPT_TOOLKIT_NO_CPR="1")
+GREEDY = ["--temp", "0"]
+
+
+def rwkv(*args, stdin: str = "", timeout=120, env=None):
+    return subprocess.run([sys.executable, "-m", "rwkv_cli", *map(str, args)], input=stdin.encode(),
+                          capture_output=True, env=env or ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model(make_ckpt):
+    return make_ckpt("7", 2, 64, 65536)
+
+
+def test_scripted_chat_with_commands(model, tmp_path):
+    script = "Hello\n/show\n/undo\nHello\n/retry\n/save {p}\n/set temperature 0.5\n/nonsense\n/bye\n".format(p=tmp_path / "s")
+    out = rwkv("chat", "-m", model, *GREEDY, "-n", "6", stdin=script)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode().splitlines()
+    assert len(lines) == 3 and lines[0] == lines[1] == lines[2]  # the same greedy reply, thrice
+    err = out.stderr.decode()
+    assert "tokens in state" in err and "removed" in err and "unknown command /nonsense" in err
+    assert read_meta(tmp_path / "s")["transcript"][0]["user"] == "Hello"
+
+
+def test_resume_in_a_new_process_continues_exactly(model, tmp_path):
+    """A greedy chat saved after turn 2 and resumed elsewhere says what the uninterrupted one says."""
+    state = tmp_path / "chat.rwkvstate"
+    first = rwkv("chat", "-m", model, *GREEDY, "-n", "8", "--state", state, stdin="one\ntwo\n")
+    assert first.returncode == 0 and state.exists(), first.stderr
+    resumed = rwkv("chat", "-m", model, *GREEDY, "-n", "8", "--state", state, stdin="three\n")
+    whole = rwkv("chat", "-m", model, *GREEDY, "-n", "8", stdin="one\ntwo\nthree\n")
+    assert resumed.returncode == whole.returncode == 0
+    assert resumed.stdout and whole.stdout.endswith(resumed.stdout)
+    assert [t["user"] for t in read_meta(state)["transcript"]] == ["one", "two", "three"]
+
+
+def test_mismatched_state_file_is_refused(model, make_ckpt, tmp_path):
+    state = tmp_path / "chat.rwkvstate"
+    rwkv("chat", "-m", model, *GREEDY, "-n", "4", "--state", state, stdin="hi\n")
+    other = make_ckpt("7", 2, 64, 65536, seed=11)
+    out = rwkv("chat", "-m", other, "--state", state, stdin="hi\n")
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in err
+    assert str(model) in err and str(other) in err and err.count("error:") == 1
+
+
+def test_state_save_then_generate_from_it(model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The secret word is apricot. " * 20)
+    st = tmp_path / "doc.rwkvstate"
+    assert rwkv("state", "save", "-m", model, "-f", doc, "-o", st, "-q").returncode == 0
+    shown = rwkv("state", "show", st).stdout.decode()
+    assert "prompt" in shown and "secret word" in shown
+    from_state = rwkv("generate", "-m", model, "--state", st, " Q:", "-n", "6", *GREEDY, "-q")
+    direct = rwkv("generate", "-m", model, "-f", doc, "-n", "6", *GREEDY, "-q", stdin="")
+    assert from_state.returncode == 0, from_state.stderr
+    assert direct.returncode == 0
+    # continuing a state with no prompt at all: the saved logits are the next token's
+    cont = rwkv("generate", "-m", model, "--state", st, "-n", "6", *GREEDY, "-q")
+    assert cont.returncode == 0 and cont.stdout == direct.stdout
+
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def spawn_chat(*args):
+    child = pexpect.spawn(sys.executable, ["-m", "rwkv_cli", "chat", *map(str, args)], env=ENV, timeout=60,
+                          encoding="utf-8", dimensions=(40, 200))
+    child.expect(">>>")
+    return child
+
+
+def test_tty_chat_ctrl_c_save_and_bye(model, tmp_path):
+    child = spawn_chat("-m", model, "-n", "-1", "--temp", "1", "--seed", "1")
+    child.sendline("Tell me a long story")
+    child.expect(r"\S")  # the reply has started
+    time.sleep(0.5)
+    child.sendintr()  # Ctrl-C: stops the reply, not the chat
+    child.expect(r"\[interrupted\]")
+    child.expect(">>>")
+    save = tmp_path / "tty.rwkvstate"
+    child.sendline(f"/save {save}")
+    child.expect("saved to")
+    child.expect(">>>")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    meta = read_meta(save)
+    assert meta["transcript"][0]["interrupted"] and meta["transcript"][0]["assistant"]
+
+
+def test_kill_during_autosave_keeps_a_valid_state(model, tmp_path):
+    state = tmp_path / "auto.rwkvstate"
+    rwkv("chat", "-m", model, *GREEDY, "-n", "4", "--state", state, stdin="first\n")
+    before = read_meta(state)
+    for delay in (0.0, 0.05, 0.2):
+        child = spawn_chat("-m", model, *GREEDY, "-n", "3", "--state", state)
+        child.sendline("again")
+        child.expect(r"\S")
+        time.sleep(delay)
+        child.kill(signal.SIGKILL)  # somewhere around the autosave after the reply
+        child.close(force=True)
+        saved = load_state(state, load_model(model, "cpu", "fp32"))
+        assert len(saved.meta["transcript"]) >= len(before["transcript"])

@@ -1,0 +1,200 @@
+"""State files: round trips, atomic writes, refusals, tuned initial states, and the session logic."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import struct
+import time
+
+import pytest
+import torch
+
+from rwkv_cli import load_model
+from rwkv_cli.sampling import SamplingParams
+from rwkv_cli.session import ChatSession, normalize_message
+from rwkv_cli.statefile import StateFileError, load_state, load_tuned_state, read_meta, save_state
+from rwkv_cli.testing import random_state_dict, write_checkpoint
+from rwkv_cli.tokenizer import load_tokenizer
+
+GREEDY = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.5)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_tokenizer("world")
+
+
+@pytest.fixture(scope="module", params=["4", "7"])
+def model(request, make_ckpt):
+    return load_model(make_ckpt(request.param, 2, 64, 65536), "cpu", "fp32")
+
+
+def test_round_trip_continues_identically(model, tmp_path):
+    logits, state = model.forward([[5, 6, 7, 8]])
+    path = save_state(tmp_path / "s.rwkvstate", state, model, logits=logits, tokens=4, transcript=[], kind="prompt")
+    saved = load_state(path, model)
+    assert torch.equal(saved.logits, logits)
+    a, _ = model.forward([[9]], state)
+    b, _ = model.forward([[9]], saved.state)
+    assert torch.equal(a, b)
+    meta = read_meta(path)
+    assert meta["tokens"] == 4 and meta["model"]["fingerprint"] == model.fingerprint and meta["created"]
+
+
+def test_created_survives_overwrites(model, tmp_path):
+    state = model.zero_state()
+    path = save_state(tmp_path / "s", state, model, created="2020-01-01T00:00:00")
+    assert read_meta(path)["created"] == "2020-01-01T00:00:00"
+
+
+def test_another_model_is_refused_naming_both(model, make_ckpt, tmp_path):
+    _, state = model.forward([[1, 2]])
+    path = save_state(tmp_path / "s", state, model)
+    same_shape = load_model(make_ckpt(model.cfg.version, 2, 64, 65536, seed=7), "cpu", "fp32")
+    with pytest.raises(StateFileError, match="different file of the same shape") as err:
+        load_state(path, same_shape)
+    assert str(model.path) in str(err.value) and str(same_shape.path) in str(err.value)
+    other = load_model(make_ckpt("7" if model.cfg.version == "4" else "4", 2, 64, 65536), "cpu", "fp32")
+    with pytest.raises(StateFileError, match="different architecture"):
+        load_state(path, other)
+
+
+def test_damaged_files_get_one_line_errors(model, tmp_path):
+    _, state = model.forward([[1, 2]])
+    good = save_state(tmp_path / "good", state, model).read_bytes()
+    cases = {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "not a state": b"hello world, not a state file at all",
+        "a checkpoint": (tmp_path / "ckpt.pth").read_bytes() if (write_checkpoint(tmp_path / "ckpt.pth", {"emb.weight": torch.zeros(2, 2)})) else b"",
+    }
+    (n,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + n])
+    header["__metadata__"]["meta"] = "{not json"
+    edited = json.dumps(header).encode()
+    cases["hand-edited"] = struct.pack("<Q", len(edited)) + edited + good[8 + n :]
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.rwkvstate"
+        path.write_bytes(data)
+        with pytest.raises(StateFileError) as err:
+            load_state(path, model)
+        assert "\n" not in str(err.value) and str(path) in str(err.value), name
+
+
+def test_truncated_tensor_data_is_detected(model, tmp_path):
+    _, state = model.forward([[1, 2]])
+    good = save_state(tmp_path / "good", state, model).read_bytes()
+    path = tmp_path / "cut"
+    path.write_bytes(good[:-100])  # header intact, data short
+    with pytest.raises(StateFileError, match="damaged|truncated"):
+        load_state(path, model)
+
+
+def test_failed_write_keeps_the_previous_file(model, tmp_path, monkeypatch):
+    path = save_state(tmp_path / "s", model.zero_state(), model, tokens=1)
+
+    def broken_write(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", broken_write)
+    with pytest.raises(StateFileError, match="No space left"):
+        save_state(path, model.zero_state(), model, tokens=2)
+    monkeypatch.undo()
+    assert read_meta(path)["tokens"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary left behind
+
+
+def _save_forever(path, ckpt):
+    model = load_model(ckpt, "cpu", "fp32")
+    n = 0
+    while True:
+        n += 1
+        state = model.zero_state()
+        state.layers[0].att_shift.fill_(float(n))
+        save_state(path, state, model, tokens=n)
+
+
+def test_kill_during_saves_leaves_a_valid_file(make_ckpt, tmp_path):
+    """SIGKILL a process that saves in a loop, at arbitrary moments: the file always loads, and
+    holds one complete version (its tensor agrees with its metadata)."""
+    ckpt = make_ckpt("7", 2, 64, 65536)
+    model = load_model(ckpt, "cpu", "fp32")
+    path = tmp_path / "s.rwkvstate"
+    ctx = multiprocessing.get_context("spawn")
+    for delay in (0.05, 0.13, 0.31):
+        proc = ctx.Process(target=_save_forever, args=(path, str(ckpt)))
+        proc.start()
+        deadline = time.time() + 60
+        while not path.exists() and time.time() < deadline:  # the child is importing torch
+            time.sleep(0.02)
+        time.sleep(delay)  # now it is saving over and over: kill it somewhere in there
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        saved = load_state(path, model)
+        assert float(saved.state.layers[0].att_shift[0, 0]) == saved.meta["tokens"] >= 1
+        path.unlink()
+
+
+def test_tuned_state_file_is_the_initial_state(make_ckpt, tmp_path):
+    model = load_model(make_ckpt("7", 2, 64, 65536), "cpu", "fp32")
+    tuned = {f"blocks.{i}.att.time_state": torch.randn(1, 64, 64) for i in range(2)}
+    path = write_checkpoint(tmp_path / "tuned.pth", tuned)
+    state = load_tuned_state(path, model)
+    assert torch.equal(state.layers[1].wkv[0], tuned["blocks.1.att.time_state"])  # used as stored: [H, value, key]
+    assert torch.count_nonzero(state.layers[0].att_shift) == 0
+    bad = write_checkpoint(tmp_path / "bad.pth", {"blocks.0.att.time_state": torch.randn(1, 64, 64)})
+    with pytest.raises(StateFileError, match="2 layers"):
+        load_tuned_state(bad, model)
+
+
+# -- the chat session logic ----------------------------------------------------------------------
+
+def test_normalize_message():
+    assert normalize_message("  a\r\n\r\n\r\nb\n\nc \n") == "a\nb\nc"
+
+
+def test_undo_then_same_message_reproduces_the_reply(model, world):
+    s = ChatSession(model, world, GREEDY, max_tokens=16)
+    first = "".join(s.send("Hi"))
+    second = "".join(s.send("Tell me more"))
+    tokens = s.tokens_consumed
+    assert s.undo().user == "Tell me more"
+    assert "".join(s.send("Tell me more")) == second and s.tokens_consumed == tokens
+    assert "".join(s.retry()) == second  # greedy: the same again
+    assert len(s.exchanges) == 2 and s.exchanges[0].reply == first
+
+
+def test_undo_and_retry_cost_does_not_grow_with_history(model, world):
+    s = ChatSession(model, world, GREEDY, max_tokens=2)
+    for i in range(30):
+        "".join(s.send(f"message {i}"))
+    t0 = time.perf_counter()
+    s.undo()
+    assert time.perf_counter() - t0 < 0.05  # a reference swap, no forward pass
+
+
+def test_interrupted_reply_keeps_text_and_state(model, world):
+    s = ChatSession(model, world, GREEDY, max_tokens=50)
+    stream = s.send("Hello")
+    got = next(stream) + next(stream)
+    stream.close()  # what Ctrl-C does to the consumer
+    assert s.exchanges[-1].reply == got and s.exchanges[-1].interrupted
+    assert s.tokens_consumed == s.exchanges[-1].prompt_tokens + s.exchanges[-1].reply_tokens
+    "".join(s.send("Go on"))  # the next turn closes the open reply first
+    assert s._turn_prompt("x").startswith("User:") or s.exchanges[-1].interrupted
+
+
+def test_session_restore_continues_identically(model, world, tmp_path):
+    a = ChatSession(model, world, GREEDY, system="Be brief.", max_tokens=8)
+    for msg in ("one", "two"):
+        "".join(a.send(msg))
+    path = save_state(tmp_path / "c", a.state, model, logits=a.logits, **a.metadata())
+    third = "".join(a.send("three"))
+    saved = load_state(path, model)
+    b = ChatSession(model, world, GREEDY, max_tokens=8)
+    b.restore(saved.state, saved.meta, saved.logits)
+    assert [e.user for e in b.exchanges] == ["one", "two"] and b.system == "Be brief."
+    assert "".join(b.send("three")) == third
