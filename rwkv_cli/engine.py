@@ -85,8 +85,11 @@ class Model:
         elif state.batch_size != tokens.shape[0]:
             raise ValueError(f"state holds {state.batch_size} sequences but {tokens.shape[0]} were given")
         outs = []
-        for t0 in range(0, tokens.shape[1], self.prefill_chunk):
-            chunk = tokens[:, t0 : t0 + self.prefill_chunk]
+        step = self.prefill_chunk
+        if step == DEFAULT_PREFILL_CHUNK and tokens.is_cuda:  # GPU: longer chunks amortise launches
+            step = self.net.gpu_prefill_chunk()
+        for t0 in range(0, tokens.shape[1], step):
+            chunk = tokens[:, t0 : t0 + step]
             with cpu_forward_threads(self.net.emb):
                 logits, state = self.net.forward(chunk, state, full_output)
             outs.append(logits)

@@ -82,10 +82,50 @@ class RWKVBase:
         """tokens [B, T] -> (logits [B, V] for the last position, or [B, T, V]; the new state).
 
         T = 1 is the RNN step; T > 1 is the parallel form over the whole chunk. The caller bounds
-        T (the engine prefills long prompts in chunks); `state` is not modified.
+        T (the engine prefills long prompts in chunks); `state` is not modified. On a GPU the
+        step is replayed from a CUDA graph (`rwkv_cli.cuda.graph`).
         """
         if tokens.shape[1] == 1 and self._numpy_step_applies():
             return self._numpy_step(tokens[:, 0], state)
+        if tokens.shape[1] == 1 and not full_output and self.device.type == "cuda":
+            return self._graph_step(tokens.shape[0])(tokens, state)
+        return self.forward_torch(tokens, state, full_output)
+
+    # -- the GPU: fused kernels (rwkv_cli/cuda) where they load, else this same torch code --------
+    def _kernels(self):
+        """The compiled CUDA kernels for this model's device, or None (CPU, disabled, unavailable:
+        the reason is printed once on stderr) and the caller runs its PyTorch code."""
+        if self.device.type != "cuda" or (self.cfg.version == "7" and self.cfg.head_size != 64):
+            return None
+        from ..cuda.loader import kernels_for
+
+        return kernels_for(self.device)
+
+    def _graph_step(self, batch_size: int):
+        if getattr(self, "_graphs", None) is None:
+            from ..cuda.graph import GraphCache
+
+            self._graphs = GraphCache(self)
+        return self._graphs.get(batch_size)
+
+    def gpu_prefill_chunk(self) -> int:
+        """Prompt chunk length on a GPU: long enough to amortise launches, while the temporaries
+        (about 72 * C bytes a token) stay within ~5% of the weights' memory. A power of two."""
+        if getattr(self, "_gpu_chunk", None) is None:
+            nbytes = sum(t.numel() * t.element_size() for t in self._all_tensors())
+            tokens = int(0.05 * nbytes / (72 * self.cfg.n_embd))
+            self._gpu_chunk = max(256, min(4096, 1 << max(0, tokens.bit_length() - 1)))
+        return self._gpu_chunk
+
+    def _all_tensors(self):
+        yield from (self.emb, *self.ln_out, self.head)
+        for lw in self.layers:
+            for f in dataclasses.fields(lw):
+                v = getattr(lw, f.name)
+                yield from (t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
+
+    def forward_torch(self, tokens: torch.Tensor, state: State, full_output: bool = False):
+        """`forward` without the CUDA graph (prompts, and the step that a graph captures)."""
         x = self.emb[tokens]  # [B, T, C]
         x, state = self.blocks(x, state, last_only=not full_output)
         if not full_output:

@@ -91,6 +91,11 @@ class RWKV4(RWKVBase):
 
     def time_mix(self, lw: Layer4, x, st: RWKV4LayerState, keep: int):
         """Returns (output for the last `keep` positions, att_shift, wkv_num, wkv_den, wkv_max)."""
+        K = self._kernels()
+        if K is not None:  # GPU: fused kernels around the same products (rwkv_cli/cuda/prefill.py)
+            from ..cuda.prefill import time_mix4
+
+            return time_mix4(K, self, lw, x, st, keep)
         xx = F.layer_norm(x, (x.shape[-1],), *lw.ln1)
         prev = token_shift(xx, st.att_shift)
         # x_m = mu_m * x + (1 - mu_m) * prev, for k, v, r at once -> [3, B, T, C]
@@ -105,6 +110,11 @@ class RWKV4(RWKVBase):
         return linear(r * y[:, -keep:].to(x.dtype), lw.W_o), xx[:, -1], num, den, mx
 
     def channel_mix(self, lw: Layer4, x, st: RWKV4LayerState):
+        K = self._kernels()
+        if K is not None:
+            from ..cuda.prefill import channel_mix4
+
+            return channel_mix4(K, self, lw, x, st)
         xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
         prev = token_shift(xx, st.ffn_shift)
         xk, xr = torch.addcmul(prev, xx - prev, lw.ffn_mix).unbind(0)

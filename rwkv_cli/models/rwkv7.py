@@ -104,6 +104,11 @@ class RWKV7(RWKVBase):
 
     def time_mix(self, lw: Layer7, x, st: RWKV7LayerState, v_first, keep: int):
         """Returns (output for the last `keep` positions, new att_shift, new wkv state, v_first)."""
+        K = self._kernels()
+        if K is not None:  # GPU: fused kernels around the same products (rwkv_cli/cuda/prefill.py)
+            from ..cuda.prefill import time_mix7
+
+            return time_mix7(K, self, lw, x, st, v_first, keep)
         B, T, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
         xx = F.layer_norm(x, (C,), *lw.ln1)
@@ -137,6 +142,11 @@ class RWKV7(RWKVBase):
         return linear(y * g, lw.W_o), xx[:, -1], wkv, v_first
 
     def channel_mix(self, lw: Layer7, x, st: RWKV7LayerState):
+        K = self._kernels()
+        if K is not None:
+            from ..cuda.prefill import channel_mix7
+
+            return channel_mix7(K, self, lw, x, st)
         xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
         xk = torch.addcmul(xx, token_shift(xx, st.ffn_shift) - xx, lw.ffn_mix)
         hidden = torch.relu(linear(xk, lw.ffn_key)).square_()

@@ -1,0 +1,155 @@
+"""Python entry points of the CUDA kernels: shape checks, grids, outputs. `K` is a loaded
+`loader.Kernels`; each function matches the twin of the same name in `twins.py` (or `rwkv_cli.wkv`).
+
+Inputs must be contiguous; [B, T, C] tensors are treated as R = B*T rows of C channels.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from .twins import Seg
+
+SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+HEAD_SIZE = 64  # the RWKV-7 kernels are written for N = 64 (every released model)
+
+# kernels/gemv.cu
+GEMV_MAX_B = 4
+GEMV_MAX_SEG = 8
+GEMV_ROWS_PER_BLOCK = 16  # WARPS * RW
+_SEG_FMT = "5Q4i3ifi4x"  # struct Seg: 5 pointers, O I x_stride y_stride, in_act out_act out_f32, scale, block_start
+_PARAMS_FMT = "@" + _SEG_FMT * GEMV_MAX_SEG + "i4x"
+
+
+def _c(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is not None and not t.is_contiguous():
+        raise ValueError("kernel inputs must be contiguous")
+    return t
+
+
+def ln_mix(K, x, shift, w, b, mix, v4_order: bool, want_xx: bool = False):
+    """x [B, T, C], shift [B, C], mix [n, C] -> (mixes [n, B, T, C], new shift [B, C][, xx])."""
+    B, T, C = x.shape
+    n = mix.shape[0] if mix is not None else 0
+    out = torch.empty(max(n, 1), B, T, C, dtype=x.dtype, device=x.device)
+    shift_out = torch.empty(B, C, dtype=x.dtype, device=x.device)
+    xx = torch.empty_like(x) if want_xx else None
+    K.get(f"ln_mix_{SUFFIX[x.dtype]}")(B * T, 256, _c(x), _c(shift), w, b, _c(mix), out, xx, shift_out,
+                                       T, C, n, int(v4_order))
+    return (out[:n], shift_out, xx) if want_xx else (out[:n], shift_out)
+
+
+def gemv_payload(segs: list[Seg]) -> tuple[bytes, int, int]:
+    """Pack up to 8 products for one gemv launch: (parameter bytes, grid, dynamic shared memory)."""
+    if not 1 <= len(segs) <= GEMV_MAX_SEG:
+        raise ValueError(f"gemv takes 1 to {GEMV_MAX_SEG} products, got {len(segs)}")
+    B = segs[0].x.shape[0]
+    fields, start, max_in = [], 0, 0
+    for s in segs:
+        O, In = s.W.shape
+        if s.x.shape[0] != B or s.y.shape[0] != B or s.x.shape[1] != In or s.y.shape[1] != O:
+            raise ValueError(f"gemv shapes do not match: x {list(s.x.shape)}, W {[O, In]}, y {list(s.y.shape)}")
+        if s.x.dtype != s.W.dtype or s.W.dtype not in (torch.float16, torch.bfloat16) or not s.W.is_contiguous():
+            raise ValueError("gemv needs contiguous fp16/bf16 weights and inputs of the same type")
+        if In % 8 or s.x.stride(1) != 1 or s.x.stride(0) % 8 or s.x.data_ptr() % 16 or s.W.data_ptr() % 16:
+            raise ValueError("gemv needs 16-byte aligned rows (I a multiple of 8)")
+        ys = s.y.stride(0)
+        for t in (s.res, s.gate):
+            if t is not None and (t.stride(0) != ys or t.stride(1) != 1 or t.dtype != s.W.dtype):
+                raise ValueError("gemv res/gate must share y's row stride and the weights' dtype")
+        if s.y.stride(1) != 1 or (s.y.dtype != s.W.dtype and s.y.dtype != torch.float32):
+            raise ValueError("gemv output must have unit column stride and be fp32 or the weights' dtype")
+        fields += [s.x.data_ptr(), s.W.data_ptr(), s.y.data_ptr(),
+                   0 if s.res is None else s.res.data_ptr(), 0 if s.gate is None else s.gate.data_ptr(),
+                   O, In, s.x.stride(0), ys, s.in_act, s.out_act, int(s.y.dtype == torch.float32),
+                   float(s.scale), start]
+        start += -(-O // GEMV_ROWS_PER_BLOCK)
+        max_in = max(max_in, In)
+    for _ in range(GEMV_MAX_SEG - len(segs)):
+        fields += [0] * 5 + [0] * 7 + [1.0, start]
+    payload = struct.pack(_PARAMS_FMT, *fields, len(segs))
+    return payload, start, B * max_in * 2
+
+
+def gemv_kernel(K, segs: list[Seg]):
+    """The loaded kernel for these products (B and dtype decide the instantiation)."""
+    B = segs[0].x.shape[0]
+    if B > GEMV_MAX_B:
+        raise ValueError(f"gemv handles B <= {GEMV_MAX_B}")
+    return K.raw("gemv", f"gemv_{SUFFIX[segs[0].W.dtype]}_b{B}", struct.calcsize(_PARAMS_FMT))
+
+
+def gemv(K, segs: list[Seg]) -> None:
+    payload, grid, smem = gemv_payload(segs)
+    if smem > K.max_smem:
+        raise ValueError(f"gemv input too wide for shared memory ({smem} bytes)")
+    gemv_kernel(K, segs).launch(grid, 256, payload, smem)
+
+
+def wkv7_prep(K, r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):
+    """[R, C] (or [B, T, C]) inputs -> fp32 r, d, kk, kw, vw, beta shaped like k."""
+    C = k.shape[-1]
+    R = k.numel() // C
+    outs = [torch.empty(k.shape, dtype=torch.float32, device=k.device) for _ in range(6)]
+    K.get(f"wkv7_prep_{SUFFIX[k.dtype]}")(-(-R * H // 8), 256, *map(_c, (r, k, v, wz, az, vz, vf)),
+                                          w0, a0, v0, k_k, k_a, *outs, R, H)
+    return outs
+
+
+def wkv7_seq(K, S, r, d, kk, kw, beta, vw):
+    """Prepared fp32 [B, T, C] vectors, S [B, H, N, N] fp32 -> (y [B, T, C] fp32, new S)."""
+    B, H, N, _ = S.shape
+    if N != HEAD_SIZE:
+        raise ValueError(f"wkv7_seq is written for head size {HEAD_SIZE}")
+    T = r.shape[1]
+    y = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    S_out = torch.empty_like(S)
+    K.get("wkv7_seq")(B * H * 4, 64, *map(_c, (r, d, kk, kw, beta, vw, S)), S_out, y, T, H)
+    return y, S_out
+
+
+def wkv7_sequence(K, S, r, log_decay, k, v, kk, a):
+    """Same inputs and outputs as `rwkv_cli.wkv.wkv7_sequence` ([B, T, H, N]), through the kernel."""
+    B, T, H, N = r.shape
+    f = lambda t: t.float().reshape(B, T, H * N).contiguous()  # noqa: E731
+    kk32 = f(kk)
+    y, S = wkv7_seq(K, S.float().contiguous(), f(r), f(torch.exp(log_decay.float())), kk32, f(k), kk32 * f(a), f(v))
+    return y.view(B, T, H, N), S
+
+
+def wkv7_post(K, y, r, kw, vw, g, r_k, ln_w, ln_b, H: int):
+    """fp32 y, r, kw, vw and g (activation dtype), all [R, C] or [B, T, C] -> out like g."""
+    C = g.shape[-1]
+    R = g.numel() // C
+    out = torch.empty_like(g)
+    K.get(f"wkv7_post_{SUFFIX[g.dtype]}")(-(-R * H // 8), 256, *map(_c, (y, r, kw, vw, g)), r_k, ln_w, ln_b,
+                                          out, R, H)
+    return out
+
+
+def wkv7_step(K, r, k, v, wz, az, vz, g, vf, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in, S_out, out):
+    """One token ([B, C] inputs). Writes out [B, C] and S_out (may be S_in); in layer 0 (vz None)
+    it writes v into vf (v_first for the later layers)."""
+    B, H, N, _ = S_in.shape
+    if N != HEAD_SIZE:
+        raise ValueError(f"wkv7_step is written for head size {HEAD_SIZE}")
+    K.get(f"wkv7_step_{SUFFIX[k.dtype]}")(B * H, 256, *map(_c, (r, k, v, wz, az, vz, g, vf)), int(vz is None),
+                                          w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, _c(S_in), _c(S_out), out, H)
+
+
+def wkv4_seq(K, w, u, k, v, num, den, mx):
+    """Same as `rwkv_cli.wkv.wkv4_sequence`: k, v [B, T, A] fp32, state [B, A] -> (y, num, den, max)."""
+    B, T, A = k.shape
+    y = torch.empty_like(k)
+    num_o, den_o, mx_o = torch.empty_like(num), torch.empty_like(den), torch.empty_like(mx)
+    K.get("wkv4_seq")(-(-B * A // 128), 128, w, u, *map(_c, (k, v, num, den, mx)), y, num_o, den_o, mx_o, B, T, A)
+    return y, num_o, den_o, mx_o
+
+
+def wkv4_step(K, w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o):
+    """One token: k, v fp32 [B, A], r [B, A] -> out = r * wkv; the state may be updated in place."""
+    B, A = k.shape
+    K.get(f"wkv4_step_{SUFFIX[r.dtype]}")(-(-B * A // 256), 256, w, u, *map(_c, (k, v, r, num, den, mx)), out,
+                                          num_o, den_o, mx_o, B, A)

@@ -1,0 +1,71 @@
+"""Prompt (T > 1) time-mix and channel-mix on the GPU: cuBLAS for the products, the fused kernels
+for everything between them. Same inputs and outputs as the methods of `RWKV7` / `RWKV4` they
+replace (`rwkv_cli/models/`), which stay the reference.
+
+RWKV-7 per layer: LN1 + the six token-shift mixes in one kernel (`ln_mix`), seven products and the
+LoRA up-projections, `wkv7_prep` (steps 3-7 for all tokens), `wkv7_seq` (the recurrence, state
+carried, one launch for the whole chunk), `wkv7_post` (GroupNorm, bonus, gate) for the positions
+that are kept, the output product. RWKV-4: `ln_mix`, products (k and v with fp32 output),
+`wkv4_seq`, output product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import linear_fp32_out
+from . import kops
+
+
+def _last(t: torch.Tensor, keep: int) -> torch.Tensor:
+    return t if keep == t.shape[1] else t[:, -keep:].contiguous()
+
+
+def time_mix7(K, net, lw, x, st, v_first, keep: int):
+    """RWKV7.time_mix: returns (output for the last `keep` positions, att_shift, wkv, v_first)."""
+    B, T, C = x.shape
+    H = net.cfg.n_head
+    mixes, shift = kops.ln_mix(K, x.contiguous(), st.att_shift, *lw.ln1, lw.mix.view(6, C), v4_order=False)
+    xr, xk, xv, xw, xa, xg = mixes.unbind(0)
+    r, k, v = F.linear(xr, lw.W_r), F.linear(xk, lw.W_k), F.linear(xv, lw.W_v)
+    wz = F.linear(torch.tanh(F.linear(xw, lw.w1)), lw.w2)
+    az = F.linear(F.linear(xa, lw.a1), lw.a2)
+    first = lw.v0 is None
+    vz = None if first else F.linear(F.linear(xv, lw.v1), lw.v2)
+    r32, d, kk, kw, vw, beta = kops.wkv7_prep(K, r, k, v, wz, az, vz, None if first else v_first.contiguous(),
+                                              lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H)
+    if first:
+        v_first = v
+    y, wkv = kops.wkv7_seq(K, st.wkv.contiguous(), r32, d, kk, kw, beta, vw)
+    g = F.linear(torch.sigmoid(F.linear(_last(xg, keep), lw.g1)), lw.g2)
+    out = kops.wkv7_post(K, *(_last(t, keep) for t in (y, r32, kw, vw)), g, lw.r_k, *lw.ln_x, H)
+    return F.linear(out, lw.W_o), shift, wkv, v_first
+
+
+def channel_mix7(K, net, lw, x, st):
+    C = x.shape[-1]
+    mixes, shift = kops.ln_mix(K, x.contiguous(), st.ffn_shift, *lw.ln2, lw.ffn_mix.view(1, C), v4_order=False)
+    hidden = torch.relu(F.linear(mixes[0], lw.ffn_key)).square_()
+    return F.linear(hidden, lw.ffn_value), shift
+
+
+def time_mix4(K, net, lw, x, st, keep: int):
+    """RWKV4.time_mix: returns (output for the last `keep` positions, att_shift, num, den, max)."""
+    C = x.shape[-1]
+    mixes, shift = kops.ln_mix(K, x.contiguous(), st.att_shift, *lw.ln1, lw.att_mix.view(3, C), v4_order=True)
+    xk, xv, xr = mixes.unbind(0)
+    r = torch.sigmoid(F.linear(xr[:, -keep:], lw.W_r))
+    k, v = linear_fp32_out(xk, lw.W_k), linear_fp32_out(xv, lw.W_v)
+    y, num, den, mx = kops.wkv4_seq(K, lw.decay, lw.bonus, k.contiguous(), v.contiguous(),
+                                    st.wkv_num.contiguous(), st.wkv_den.contiguous(), st.wkv_max.contiguous())
+    return F.linear(r * y[:, -keep:].to(x.dtype), lw.W_o), shift, num, den, mx
+
+
+def channel_mix4(K, net, lw, x, st):
+    C = x.shape[-1]
+    mixes, shift = kops.ln_mix(K, x.contiguous(), st.ffn_shift, *lw.ln2, lw.ffn_mix.view(2, C), v4_order=True)
+    xk, xr = mixes.unbind(0)
+    r = torch.sigmoid(F.linear(xr, lw.ffn_receptance))
+    hidden = torch.relu(F.linear(xk, lw.ffn_key)).square_()
+    return r * F.linear(hidden, lw.ffn_value), shift

@@ -1,0 +1,129 @@
+"""Plain PyTorch twins of the CUDA kernels in `kernels/`: same inputs, same outputs, fp32 math.
+
+They are the test oracles (tests/test_cuda_kernels.py compares each kernel with its twin) and
+document what each kernel computes. The recurrences' twins live in `rwkv_cli.wkv`
+(`wkv7_sequence`, `wkv4_sequence`, `wkv4_step`). Shapes: R rows (= B*T tokens), C = H*N channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import linear_fp32_out
+
+DECAY_SCALE = math.exp(-0.5)
+
+
+def ln_mix(x, shift, w, b, mix, v4_order: bool):
+    """kernels/layernorm.cu. x [B, T, C], shift [B, C], mix [n, C] ->
+    (mixes [n, B, T, C], xx = LN(x) [B, T, C], new shift = xx[:, -1])."""
+    xx = F.layer_norm(x.float(), (x.shape[-1],), w.float(), b.float()).to(x.dtype).float()
+    prev = torch.cat([shift.float().unsqueeze(1), xx[:, :-1]], 1)
+    base, other = (prev, xx) if v4_order else (xx, prev)
+    out = base + (other - base) * mix.float().view(-1, 1, 1, x.shape[-1])
+    return out.to(x.dtype), xx.to(x.dtype), xx[:, -1].to(x.dtype)
+
+
+@dataclass
+class Seg:
+    """One product of kernels/gemv.cu: y = ((act_out(act_in(x) @ W^T) * gate) + res) * scale."""
+
+    x: torch.Tensor  # [B, I]
+    W: torch.Tensor  # [O, I]
+    y: torch.Tensor  # [B, O], written
+    res: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    in_act: int = 0  # 0 none, 1 tanh, 2 sigmoid
+    out_act: int = 0  # 0 none, 1 relu^2, 2 sigmoid
+    scale: float = 1.0
+
+    @property
+    def out_f32(self) -> bool:
+        return self.y.dtype == torch.float32 and self.W.dtype != torch.float32
+
+
+def _act_in(x, act):
+    return x if act == 0 else (torch.tanh(x) if act == 1 else torch.sigmoid(x))
+
+
+def _epilogue(acc, s: Seg):
+    if s.out_act == 1:
+        acc = torch.relu(acc).square()
+    elif s.out_act == 2:
+        acc = torch.sigmoid(acc)
+    if s.gate is not None:
+        acc = acc * s.gate.to(acc.dtype)
+    if s.res is not None:
+        acc = acc + s.res.to(acc.dtype)
+    return acc * s.scale if s.scale != 1.0 else acc
+
+
+def gemv_reference(segs: list[Seg]) -> None:
+    """kernels/gemv.cu in fp32: the input activation is rounded to x's dtype as the kernel stages it."""
+    for s in segs:
+        x = _act_in(s.x.float(), s.in_act).to(s.x.dtype).float()
+        s.y.copy_(_epilogue(x @ s.W.float().t(), s))
+
+
+def gemv_torch(segs: list[Seg]) -> None:
+    """The same products through cuBLAS in the weights' dtype: the path for B > 4 and fp32."""
+    for s in segs:
+        x = _act_in(s.x, s.in_act)
+        if s.out_f32:
+            acc = linear_fp32_out(x, s.W)
+        else:
+            acc = F.linear(x, s.W)
+        s.y.copy_(_epilogue(acc, s))
+
+
+def wkv7_prep(r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):
+    """kernels/rwkv7.cu wkv7_prep (steps 3-7). [R, C] inputs (vz, vf None in layer 0) ->
+    fp32 [R, C] each: r, decay d, normalised removal key kk, write key kw, value vw, beta = kk * a."""
+    R, C = k.shape
+    f = lambda t: t.float()  # noqa: E731
+    d = torch.exp(-DECAY_SCALE * torch.sigmoid(w0.float() + f(wz)))
+    a = torch.sigmoid(f(a0) + f(az))
+    kk = F.normalize((f(k) * f(k_k)).view(R, H, -1), dim=-1).view(R, C)
+    kw = f(k) * (1 + (a - 1) * f(k_a))
+    vw = f(v) if vz is None else f(v) + (f(vf) - f(v)) * torch.sigmoid(f(v0) + f(vz))
+    return f(r), d, kk, kw, vw, kk * a
+
+
+def wkv7_post(y, r, kw, vw, g, r_k, ln_w, ln_b, H: int):
+    """kernels/rwkv7.cu wkv7_post (steps 10-12): fp32 y, r, kw, vw [R, C]; g [R, C] -> out in g's dtype."""
+    R, C = y.shape
+    yn = F.group_norm(y.float(), H, ln_w.float(), ln_b.float(), eps=64e-5)
+    bonus = (r * kw * r_k.float().reshape(1, C)).view(R, H, -1).sum(-1, keepdim=True)
+    out = (yn + (bonus * vw.view(R, H, -1)).view(R, C)) * g.float()
+    return out.to(g.dtype)
+
+
+def wkv7_recurrence_step(S, r, d, kk, kw, beta, vw):
+    """Step 8-9 for one token from prepared fp32 vectors [B, C]; S [B, H, N, N] -> (y [B, C], S)."""
+    B, H, N, _ = S.shape
+    h = lambda t: t.view(B, H, N)  # noqa: E731
+    sa = -(S @ h(kk).unsqueeze(-1))  # S alpha, alpha = -kk: [B, H, N, 1]
+    S = S * h(d).unsqueeze(2) + sa * h(beta).unsqueeze(2) + h(vw).unsqueeze(-1) * h(kw).unsqueeze(2)
+    return (S @ h(r).unsqueeze(-1)).view(B, H * N), S
+
+
+def wkv7_step(r, k, v, wz, az, vz, g, vf, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S):
+    """kernels/rwkv7.cu wkv7_step: steps 3-12 for one token of B sequences ([B, C] inputs,
+    vz None in layer 0, where v_first becomes v). Returns (out [B, C], S, v_first)."""
+    H = S.shape[1]
+    r32, d, kk, kw, vw, beta = wkv7_prep(r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H)
+    y, S = wkv7_recurrence_step(S.float(), r32, d, kk, kw, beta, vw)
+    out = wkv7_post(y, r32, kw, vw, g, r_k, ln_w, ln_b, H)
+    return out, S, (v if vz is None else vf)
+
+
+def wkv4_step(w, u, k, v, r, num, den, mx):
+    """kernels/rwkv4.cu wkv4_step: (r * wkv in r's dtype, num, den, max)."""
+    from ..wkv import wkv4_step as step
+
+    y, num, den, mx = step(w, u, k, v, num, den, mx)
+    return (r.float() * y).to(r.dtype), num, den, mx
