@@ -140,7 +140,8 @@ def weights_fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], samp
         flat = tensors[name].reshape(-1)
         if flat.numel() == 0:
             continue
-        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+        k = min(samples, flat.numel())
+        idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)  # exact even spacing (integers)
         h.update(name.encode())
         h.update(flat[idx].float().numpy().tobytes())
     return h.hexdigest()[:16]
