@@ -139,3 +139,11 @@ def test_help_imports_neither_torch_nor_huggingface_hub():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "Usage: rwkv pull" in out.stdout and out.stderr.strip() == "[]"
+
+
+def test_other_commands_take_hub_specs_from_the_cache(hf_home):
+    """tokenize, generate and chat resolve an alias through the same offline cache."""
+    result = invoke(hf_home, "tokenize", "-m", "rwkv7-g1-0.1b", "User: hi")
+    assert result.exit_code == 0 and result.stdout.strip() == "[24281, 59, 4571]"
+    out = run_rwkv(hf_home, "generate", "-m", "rwkv7-g1-0.1b", "Hello", "-n", "3", "--temp", "0", "--json", "-q")
+    assert out.returncode == 0 and len(json.loads(out.stdout)["tokens"]) == 3, out.stderr

@@ -20,8 +20,9 @@ def tokenize(
         ...,
         "--model",
         "-m",
-        help="A checkpoint file (its tokenizer is chosen from its vocabulary size or a tokenizer.json "
-        "beside it), a tokenizer name (world, gpt-neox-20b) or a tokenizer.json.",
+        help="A model (checkpoint file, folder, owner/repo[:FILE], alias: its tokenizer is chosen from "
+        "its vocabulary size or a tokenizer.json beside it), a tokenizer name (world, gpt-neox-20b) "
+        "or a tokenizer.json.",
     ),
     decode: bool = typer.Option(
         False, "--decode", "-d", help="Read token ids (a JSON list or whitespace-separated) and print text."
@@ -82,17 +83,19 @@ def _parse_ids(source: str) -> list[int]:
 def _tokenizer_for(model: str):
     """A tokenizer by name or tokenizer.json, else the one of the checkpoint file `model`."""
     from ..errors import CheckpointError
+    from ..hub import ALIASES, resolve_model_option
     from ..tokenizer import TOKENIZER_NAMES, load_tokenizer, load_tokenizer_for
 
     path = Path(model)
-    if model in TOKENIZER_NAMES or path.is_dir() or path.name.endswith(".json"):
+    if model in TOKENIZER_NAMES or path.is_dir() and (path / "tokenizer.json").is_file() or path.name.endswith(".json"):
         return load_tokenizer(model)
-    if not path.is_file():
+    if not path.exists() and "/" not in model and model not in ALIASES:
         names = ", ".join(TOKENIZER_NAMES)
         raise CheckpointError(
-            f"{model}: no such file (give a checkpoint, a tokenizer.json, or one of: {names})"
+            f"{model}: no such file or model (give a checkpoint, a model spec, a tokenizer.json, or one of: {names})"
         )
-    return load_tokenizer_for(path, _vocab_size(path))
+    resolved = resolve_model_option(model)  # a checkpoint file, folder, Hub spec or alias
+    return load_tokenizer_for(resolved.path, _vocab_size(resolved.path))
 
 
 def _vocab_size(path: Path) -> int:
