@@ -25,6 +25,7 @@ from .state import State
 
 TURN_END = "\n\n"
 END_OF_TEXT = 0
+SNAPSHOT_BUDGET = 1 << 30  # bytes of undo/retry snapshots: ~200 turns at 0.1B, ~38 at 1.5B, ~14 at 7.2B
 
 
 @dataclass
@@ -52,11 +53,15 @@ class ChatSession:
     """A conversation with one model. Iterate `send(message)` for the reply's text."""
 
     def __init__(self, model, tokenizer, params: SamplingParams, *, system: str | None = None,
-                 think: bool | None = None, raw: bool = False, max_tokens: int = 1024, keep_turns: int = 256,
+                 think: bool | None = None, raw: bool = False, max_tokens: int = 1024, keep_turns: int | None = None,
                  init_state: State | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.params = params
-        self.think, self.raw, self.max_tokens, self.keep_turns = think, raw, max_tokens, keep_turns
+        self.think, self.raw, self.max_tokens = think, raw, max_tokens
+        if keep_turns is None:  # two snapshots per exchange, within SNAPSHOT_BUDGET bytes
+            per_turn = 2 * 4 * model.cfg.state_numel()
+            keep_turns = max(4, min(256, SNAPSHOT_BUDGET // per_turn))
+        self.keep_turns = keep_turns
         self.init_state = init_state
         self.system = system
         self.reset()
@@ -78,9 +83,11 @@ class ChatSession:
         self.reset()
 
     def _trim(self) -> None:
-        """Keep snapshots for the last `keep_turns` exchanges (each a few MB at most)."""
+        """Keep snapshots for the last `keep_turns` exchanges; /continue needs one only for the last."""
+        for ex in self.exchanges[:-1]:
+            ex.pre_end = None
         for ex in self.exchanges[: -self.keep_turns]:
-            ex.snapshots, ex.before, ex.pre_reply, ex.pre_end = False, None, None, None
+            ex.snapshots, ex.before, ex.pre_reply = False, None, None
 
     # -- turns ----------------------------------------------------------------------------------
     def _assistant_prefix(self) -> str:
