@@ -9,7 +9,9 @@ starts this module with the right environment:
 Each job: {"checkpoint", "strategy", "prompt": [ids], "steps": [ids], "out": path.safetensors}
 and optionally "greedy": N. The output holds `prompt.logits`, `steps.logits` [S, V], and the
 reference's state list after the prompt and after the steps as `prompt.state.{j}` /
-`steps.state.{j}` (pip order, §9); with "greedy", `greedy.tokens`: N argmax tokens after the prompt.
+`steps.state.{j}` (pip order, §9); with "greedy", `greedy.tokens`: N argmax tokens after the prompt;
+with "pipeline": {"ctx", "tokens"[, "temperature"]}, `pipeline.tokens`: what `PIPELINE.generate`
+samples with its default arguments (World vocabulary).
 """
 
 import json
@@ -36,6 +38,15 @@ def run_job(job: dict) -> None:
         out["greedy.tokens"] = torch.tensor(tokens)
     for j, t in enumerate(state):
         out[f"prompt.state.{j}"] = t.float().clone()
+    if job.get("pipeline"):  # BlinkDL's PIPELINE.generate with its defaults; record every sampled token
+        from rwkv.utils import PIPELINE, PIPELINE_ARGS
+
+        spec = job["pipeline"]
+        pipeline = PIPELINE(model, "rwkv_vocab_v20230424")
+        sampled, sample = [], pipeline.sample_logits
+        pipeline.sample_logits = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+        pipeline.generate(spec["ctx"], token_count=spec["tokens"], args=PIPELINE_ARGS(temperature=spec.get("temperature", 1.0)))
+        out["pipeline.tokens"] = torch.tensor(sampled)
     step_logits = []
     for token in job["steps"]:
         logits, state = model.forward([token], state)
@@ -44,7 +55,7 @@ def run_job(job: dict) -> None:
         out["steps.logits"] = torch.stack(step_logits)
         for j, t in enumerate(state):
             out[f"steps.state.{j}"] = t.float().clone()
-    save_file({k: v.contiguous() for k, v in out.items()}, job["out"])
+    save_file({k: v.cpu().contiguous() for k, v in out.items()}, job["out"])
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import Model
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, uncounted_tokens
 from .state import State
 
 
@@ -95,6 +95,7 @@ class Generation:
     stop_at_eos: bool = True
     state: State | None = None  # the state to continue from (None: a fresh sequence)
     logits: torch.Tensor | None = None  # with a state and no prompt: the logits that state ends with
+    count_every_token: bool = False  # True: ChatRWKV chat's penalties; False: PIPELINE's (spaces, digits uncounted)
 
     def __post_init__(self):
         # the state and logits before the last token fed (e.g. before a stop string's last token)
@@ -113,7 +114,8 @@ class Generation:
             self.timings.prefill_seconds = time.perf_counter() - t0
         elif self.logits is None:
             raise ValueError("nothing to generate from: give prompt tokens, or a state with its logits")
-        sampler = Sampler([self.params], model.cfg.vocab_size)  # penalties count generated tokens only
+        # penalties count generated tokens only, as in PIPELINE.generate
+        sampler = Sampler([self.params], model.cfg.vocab_size, uncounted=() if self.count_every_token else uncounted_tokens(tok))
         detok, stops = tok.detokenizer(), StopMatcher(self.stop)
         eos = getattr(tok, "eos_id", 0) if self.stop_at_eos else None
         t0 = time.perf_counter()
@@ -182,7 +184,7 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
             states.append(st)
             logits.append(lg)
         state, logits = State.cat(states), torch.cat(logits)
-        sampler = Sampler([requests[i].params for i in group], model.cfg.vocab_size)
+        sampler = Sampler([requests[i].params for i in group], model.cfg.vocab_size, uncounted=uncounted_tokens(tokenizer))
         active = list(group)
         detoks = {i: tokenizer.detokenizer() for i in group}
         stops = {i: StopMatcher(requests[i].stop) for i in group}

@@ -58,12 +58,25 @@ class SamplingParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def uncounted_tokens(tokenizer) -> tuple[int, ...]:
+    """Tokens that `PIPELINE.generate` penalises for presence but does not count for frequency:
+    those whose text is a piece of " \t0123456789" (spaces, tabs, digits), and end-of-text."""
+    chars = " \t0123456789"
+    pieces = {chars[i:j] for i in range(len(chars)) for j in range(i + 1, len(chars) + 1)}
+    ids = {ids[0] for ids in map(tokenizer.encode, pieces) if len(ids) == 1}
+    if tokenizer.decode([0]) == "":
+        ids.add(0)
+    return tuple(sorted(ids))
+
+
 class Sampler:
     """Samples one token per sequence per step, keeping each sequence's penalty counts."""
 
-    def __init__(self, params: list[SamplingParams], vocab_size: int, device="cpu"):
+    def __init__(self, params: list[SamplingParams], vocab_size: int, device="cpu", uncounted: tuple[int, ...] = ()):
         self.params = list(params)
         self.vocab_size = vocab_size
+        self.weight = torch.ones(vocab_size, device=device)  # how much one occurrence counts
+        self.weight[[t for t in uncounted if 0 <= t < vocab_size]] = 0.0
         B = len(self.params)
         col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(p, name) for p in self.params], dtype=dtype, device=device
@@ -152,5 +165,5 @@ class Sampler:
         """Decay every count, then count the drawn tokens (also used for forced tokens)."""
         self.counts.mul_(self.decay)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        self.counts[rows, tokens] += 1.0
+        self.counts[rows, tokens] += self.weight[tokens]
         self.seen[rows, tokens] = True

@@ -125,10 +125,10 @@ class ChatSession:
         stops = () if self.raw else (TURN_END,)
         ex.interrupted = True  # until the reply ends normally
         if first_bans:  # one token with extra bans, then the normal loop
-            head = Generation(self.model, self.tokenizer, [], self._reply_params(first_bans), 1, (), False, state, logits)
+            head = Generation(self.model, self.tokenizer, [], self._reply_params(first_bans), 1, (), False, state, logits, True)
             yield from self._follow(ex, head)
             state, logits = head.state, head.logits
-        gen = Generation(self.model, self.tokenizer, [], self._reply_params(), self.max_tokens, stops, False, state, logits)
+        gen = Generation(self.model, self.tokenizer, [], self._reply_params(), self.max_tokens, stops, False, state, logits, True)
         yield from self._follow(ex, gen)
         if gen.finish_reason == "stop":
             ex.interrupted = False

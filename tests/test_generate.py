@@ -126,3 +126,21 @@ def test_greedy_matches_reference_engine(version, make_ckpt, world, tmp_path):
     gen = Generation(load_model(path, "cpu", "fp32"), world, ids, GREEDY, max_tokens=40, stop_at_eos=False)
     gen.run()
     assert gen.tokens == ref["greedy.tokens"].tolist()
+
+
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_temperature_zero_matches_reference_pipeline(version, make_ckpt, world, tmp_path):
+    """`--temp 0` with the default penalties samples what BlinkDL's PIPELINE.generate does at
+    temperature 0 with its defaults (presence/frequency 0.2, decay 0.996, spaces/digits uncounted)."""
+    pytest.importorskip("rwkv")
+    from rwkv_cli.sampling import GENERATE_DEFAULTS
+    from rwkv_cli.testing import run_reference
+
+    path = make_ckpt(version, 3, 128, 65536)
+    ctx = "Numbers: 1 2 3, and then"
+    job = {"checkpoint": str(path), "prompt": [1], "steps": [], "pipeline": {"ctx": ctx, "tokens": 40, "temperature": 0}}
+    (ref,) = run_reference(version, [job], tmp_path)
+    params = SamplingParams(**GENERATE_DEFAULTS).with_overrides(temperature=0)
+    gen = Generation(load_model(path, "cpu", "fp32"), world, world.encode(ctx), params, max_tokens=40, stop_at_eos=False)
+    gen.run()
+    assert gen.tokens == ref["pipeline.tokens"].tolist()
