@@ -1,9 +1,14 @@
-"""Reading checkpoint files: BlinkDL `.pth` pickles and safetensors with the same tensor names.
+"""Reading checkpoint files: BlinkDL `.pth` pickles and safetensors, in any known naming layout.
 
 Files are opened lazily (mmap) and never unpickled with full pickle: `.pth` files go through
 `torch.load(weights_only=True)`, which refuses any pickle that tries to build arbitrary objects.
 The format is sniffed from the first bytes, not the file name, so a renamed or wrong file gets an
 error that says what it actually is.
+
+A checkpoint may also be a Hugging Face model folder (`model.safetensors`, `pytorch_model.bin`, or
+shards listed by `model.safetensors.index.json`) or such an index file. Tensor names in other
+layouts (transformers, fla-hub, prefixed) are mapped to BlinkDL names by `rwkv_cli.layouts`
+before detection, so every layout loads directly.
 """
 
 from __future__ import annotations
@@ -66,19 +71,67 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
-def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a checkpoint: from the header alone for safetensors (no torch import)."""
+HF_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The file(s) holding a checkpoint's tensors: the file itself, the shards a `*.index.json`
+    lists, or for a directory (a Hugging Face snapshot) its weights file or only checkpoint."""
     path = Path(path)
-    if sniff_format(path) == "safetensors":
-        return read_safetensors_shapes(path)
-    return {k: tuple(v.shape) for k, v in read_tensors(path).items()}
+    if path.is_dir():
+        for name in HF_WEIGHT_FILES:
+            if (path / name).is_file():
+                return weight_files(path / name)
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".pth", ".safetensors"))
+        if len(found) == 1:
+            return found
+        if not found:
+            raise CheckpointError(
+                f"{path}: is a directory without a checkpoint (no model.safetensors, pytorch_model.bin, "
+                ".pth or .safetensors file)"
+            )
+        raise CheckpointError(f"{path}: directory holds {len(found)} checkpoints; name one of them")
+    if path.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{path}: not a shard index (no weight_map)") from None
+        if not shards:
+            raise CheckpointError(f"{path}: the shard index lists no files")
+        return [path.parent / s for s in shards]
+    return [path]
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a checkpoint under BlinkDL names: from the headers alone for safetensors
+    (no torch import)."""
+    from .layouts import canonical_shapes
+
+    shapes = {}
+    for file in weight_files(path):
+        if sniff_format(file) == "safetensors":
+            shapes.update(read_safetensors_shapes(file))
+        else:
+            shapes.update({k: tuple(v.shape) for k, v in _read_file(file).items()})
+    return canonical_shapes(shapes)
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint file, memory-mapped where the format allows it."""
+    """All tensors of a checkpoint (a file, a shard index or a model folder), memory-mapped where
+    the format allows it, under the file's own names."""
+    tensors = {}
+    for file in weight_files(path):
+        tensors.update(_read_file(file))
+    return tensors
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
-    path = Path(path)
     fmt = sniff_format(path)
     if fmt == "safetensors":
         return _read_safetensors(path)
@@ -127,9 +180,17 @@ def _first_line(e: Exception) -> str:
 
 
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a checkpoint, detect its architecture and check every tensor against the config."""
+    """Read a checkpoint, map its tensor names to BlinkDL's (any layout of `rwkv_cli.layouts`),
+    detect its architecture and check every tensor against the config."""
+    from .layouts import canonical_tensors
+
     path = Path(path)
-    tensors = read_tensors(path)
+    try:
+        _, tensors = canonical_tensors(read_tensors(path))
+    except CheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     try:
         cfg = infer_config(shapes)

@@ -15,7 +15,7 @@ from .errors import CheckpointError, UnsupportedModelError
 
 Shapes = dict[str, tuple[int, ...]]
 
-SUPPORTED_VERSIONS = ("4", "7")
+SUPPORTED_VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
 VERSION_NAMES = {
     "4": "RWKV-4",
     "5.0": "RWKV-5.0",
@@ -28,6 +28,7 @@ VERSION_NAMES = {
 }
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 V7_LORAS = ("w", "a", "v", "g")  # decay, in-context learning rate, value residual, output gate
+V5_VERSIONS = ("5.0", "5.1", "5.2")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class ModelConfig:
     dim_att: int
     n_head: int = 0
     head_size: int = 0
-    lora: dict[str, int] = field(default_factory=dict)  # v7 LoRA ranks by name (w, a, v, g)
+    # LoRA ranks by name: v7 (w, a, v, g); v6 (mix: D_mix of time_maa_w1/w2, decay: D_decay)
+    lora: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -68,39 +70,12 @@ class ModelConfig:
         return f"{self.name}: {self.n_layer} layers, width {self.n_embd}{heads}, vocab {self.vocab_size}"
 
 
-def detect_layout(names: set[str]) -> str:
-    """Which naming scheme the file uses; only BlinkDL names are loaded directly for now."""
-    if any(n.startswith("rwkv.") for n in names):
-        return "hf-transformers"
-    if any(n.startswith("model.layers.") or n.startswith("model.embeddings") for n in names):
-        return "fla-hub"
-    if any(n.startswith("rwkv7.") for n in names):
-        return "transformers-rwkv7"
-    if any(n.startswith("blk.") for n in names):
-        return "gguf"
-    if "emb.weight" in names or any(n.startswith("blocks.") for n in names):
-        return "blinkdl"
-    return "unknown"
-
-
-_LAYOUT_MESSAGES = {
-    "hf-transformers": "Hugging Face transformers layout (rwkv.blocks.N...) is recognised but not supported "
-    "yet; use the original BlinkDL .pth file",
-    "fla-hub": "fla-hub RWKV-7 layout (model.layers.N.attn...) is recognised but not supported yet; "
-    "use the original BlinkDL .pth file",
-    "transformers-rwkv7": "transformers RWKV-7 layout (rwkv7.*) is recognised but not supported yet; "
-    "use the original BlinkDL .pth file",
-    "gguf": "llama.cpp GGUF tensor names (blk.N.*) are not supported; use the original BlinkDL .pth file",
-}
-
-
 def detect_version(shapes: Shapes) -> str:
-    """The RWKV version from tell-tale tensors (§3), in the documented order. Raises for non-models."""
+    """The RWKV version from tell-tale tensors (§3), in the documented order. Raises for non-models.
+
+    `shapes` must use BlinkDL names: other layouts are renamed first (`rwkv_cli.layouts`)."""
     names = set(shapes)
-    layout = detect_layout(names)
-    if layout in _LAYOUT_MESSAGES:
-        raise UnsupportedModelError(_LAYOUT_MESSAGES[layout])
-    if layout == "unknown":
+    if not ("emb.weight" in names or any(n.startswith("blocks.") for n in names)):
         sample = ", ".join(sorted(names)[:4]) or "no tensors"
         raise CheckpointError(f"not an RWKV checkpoint: no emb.weight / blocks.N tensors (found {sample})")
     pre = sorted(n for n in names if n in ("_strategy", "_version", "_rescale_layer"))
@@ -116,14 +91,14 @@ def detect_version(shapes: Shapes) -> str:
             raise UnsupportedModelError(_refusal("7b", "blocks.N.qkv.*"))
         return "7"
     if "blocks.0.att.time_maa_x" in names:
-        raise UnsupportedModelError(_refusal("6", "att.time_maa_x"))
+        return "6"
     decay = shapes.get("blocks.0.att.time_decay", ())
     if len(decay) == 2 and decay[1] > 1:
-        raise UnsupportedModelError(_refusal("5.2", "2-D att.time_decay"))
+        return "5.2"
     if "blocks.0.att.gate.weight" in names:
-        raise UnsupportedModelError(_refusal("5.1", "att.gate.weight"))
+        return "5.1"
     if "blocks.0.att.ln_x.weight" in names:
-        raise UnsupportedModelError(_refusal("5.0", "att.ln_x"))
+        return "5.0"
     return "4"
 
 
@@ -141,6 +116,12 @@ def _layers(names) -> int:
     return max(ids) + 1
 
 
+def _need_any(shapes: Shapes, name: str) -> tuple[int, ...]:
+    if name not in shapes or not shapes[name]:
+        raise CheckpointError(f"missing tensor {name}")
+    return shapes[name]
+
+
 def _need(shapes: Shapes, name: str, ndim: int) -> tuple[int, ...]:
     if name not in shapes:
         raise CheckpointError(f"missing tensor {name}")
@@ -151,7 +132,11 @@ def _need(shapes: Shapes, name: str, ndim: int) -> tuple[int, ...]:
 
 
 def infer_config(shapes: Shapes) -> ModelConfig:
-    """Detect the version and read every size from tensor shapes (§4)."""
+    """Detect the version and read every size from tensor shapes (§4). Names in another layout
+    (Hugging Face, fla-hub, prefixed) are mapped to BlinkDL names first."""
+    from .layouts import canonical_shapes
+
+    shapes = canonical_shapes(shapes)
     version = detect_version(shapes)
     vocab, n_embd = _need(shapes, "emb.weight", 2)
     n_layer = _layers(shapes)
@@ -159,6 +144,20 @@ def infer_config(shapes: Shapes) -> ModelConfig:
     ffn_dim = _need(shapes, "blocks.0.ffn.key.weight", 2)[0]
     if version == "4":
         return ModelConfig("4", n_layer, n_embd, vocab, ffn_dim, dim_att)
+    if version in V5_VERSIONS:
+        # H from time_decay [H] (5.0/5.1) or [H, N] (5.2); N = n_att / H (§4)
+        n_head = _need_any(shapes, "blocks.0.att.time_decay")[0]
+        if n_head <= 0 or dim_att % n_head:
+            raise CheckpointError(f"att.time_decay has {n_head} heads, which do not divide n_att = {dim_att}")
+        return ModelConfig(version, n_layer, n_embd, vocab, ffn_dim, dim_att, n_head, dim_att // n_head)
+    if version == "6":
+        bonus = "time_first" if "blocks.0.att.time_first" in shapes else "time_faaaa"
+        n_head, head_size = _need(shapes, "blocks.0.att." + bonus, 2)
+        lora = {
+            "mix": _need(shapes, "blocks.0.att.time_maa_w1", 2)[1] // 5,  # [C, 5 * D_mix]: w, k, v, r, g
+            "decay": _need(shapes, "blocks.0.att.time_decay_w1", 2)[1],  # [C, D_decay]
+        }
+        return ModelConfig("6", n_layer, n_embd, vocab, ffn_dim, dim_att, n_head, head_size, lora)
     n_head, head_size = _need(shapes, "blocks.0.att.r_k", 2)
     lora = {}
     for name in V7_LORAS:
@@ -170,8 +169,11 @@ def infer_config(shapes: Shapes) -> ModelConfig:
     return ModelConfig("7", n_layer, n_embd, vocab, ffn_dim, dim_att, n_head, head_size, lora)
 
 
-def expected_shapes(cfg: ModelConfig) -> tuple[Shapes, set[str]]:
-    """Every tensor a checkpoint of this config must hold, with its shape, plus tolerated extras."""
+def expected_shapes(cfg: ModelConfig, names=()) -> tuple[Shapes, set[str]]:
+    """Every tensor a checkpoint of this config must hold, with its shape, plus tolerated extras.
+
+    `names` (the file's tensor names) picks between the two names of the v5/v6 bonus: a file holds
+    `time_faaaa` (used raw) or `time_first` (exponentiated), §3."""
     C, A, F, V = cfg.n_embd, cfg.dim_att, cfg.ffn_dim, cfg.vocab_size
     vec = (1, 1, C)
     want: Shapes = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,)}
@@ -180,7 +182,9 @@ def expected_shapes(cfg: ModelConfig) -> tuple[Shapes, set[str]]:
         b, att, ffn = f"blocks.{i}.", f"blocks.{i}.att.", f"blocks.{i}.ffn."
         for ln in ("ln1", "ln2"):
             want[b + ln + ".weight"] = want[b + ln + ".bias"] = (C,)
-        if cfg.version == "4":
+        if cfg.version in V5_VERSIONS or cfg.version == "6":
+            want.update(_v5_v6_layer(cfg, att, ffn, att + "time_first" in names))
+        elif cfg.version == "4":
             want[att + "time_decay"] = want[att + "time_first"] = (A,)
             for m in ("k", "v", "r"):
                 want[att + f"time_mix_{m}"] = vec
@@ -217,23 +221,56 @@ def expected_shapes(cfg: ModelConfig) -> tuple[Shapes, set[str]]:
     return want, optional
 
 
-def _same_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
-    # Vectors stored as [C], [1, C] or [1, 1, C] are the same parameter.
+def _v5_v6_layer(cfg: ModelConfig, att: str, ffn: str, time_first: bool) -> Shapes:
+    """The per-layer tensors of RWKV-5.x and RWKV-6 (§5), except the norms and ffn key/value."""
+    C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
+    vec = (1, 1, C)
+    want: Shapes = {}
+    bonus = att + ("time_first" if time_first else "time_faaaa")
+    for m in ("receptance", "key", "value"):
+        want[att + m + ".weight"] = (A, C)
+    want[att + "output.weight"] = (C, A)
+    want[att + "ln_x.weight"] = want[att + "ln_x.bias"] = (A,)
+    if cfg.version != "5.0":
+        want[att + "gate.weight"] = (A, C)
+    if cfg.version == "6":
+        for m in ("x", "w", "k", "v", "r", "g"):
+            want[att + f"time_maa_{m}"] = vec
+        D_mix, D_decay = cfg.lora["mix"], cfg.lora["decay"]
+        want[att + "time_maa_w1"], want[att + "time_maa_w2"] = (C, 5 * D_mix), (5, D_mix, C)
+        want[att + "time_decay"] = (1, 1, A)
+        want[att + "time_decay_w1"], want[att + "time_decay_w2"] = (C, D_decay), (D_decay, A)
+        want[bonus] = (H, N)
+        want[ffn + "time_maa_k"] = want[ffn + "time_maa_r"] = vec
+    else:
+        for m in ("k", "v", "r") + (("g",) if cfg.version != "5.0" else ()):
+            want[att + f"time_mix_{m}"] = vec
+        want[att + "time_decay"] = want[bonus] = (H, N) if cfg.version == "5.2" else (H,)
+        want[ffn + "time_mix_k"] = want[ffn + "time_mix_r"] = vec
+    want[ffn + "receptance.weight"] = (C, C)
+    return want
+
+
+def _same_shape(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    # Vectors stored as [C], [1, C] or [1, 1, C] are the same parameter; v5.0/5.1 per-head
+    # decays and bonuses may be stored as [H] or [H, 1].
     if got == want:
         return True
     squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731
+    if len(want) == 1 and name.endswith(("time_decay", "time_first", "time_faaaa")):
+        return len(got) == 2 and got == (want[0], 1)
     return len(want) == 3 and squeeze(got) == squeeze(want) and len(squeeze(want)) == 1
 
 
 def validate(shapes: Shapes, cfg: ModelConfig) -> None:
     """Raise a CheckpointError that lists missing, unexpected and mis-shaped tensors."""
-    want, optional = expected_shapes(cfg)
+    want, optional = expected_shapes(cfg, shapes)
     missing = [n for n in want if n not in shapes]
     unexpected = [n for n in shapes if n not in want and n not in optional]
     wrong = [
         f"{n} {list(shapes[n])} (expected {list(want[n])})"
         for n in want
-        if n in shapes and not _same_shape(shapes[n], want[n])
+        if n in shapes and not _same_shape(n, shapes[n], want[n])
     ]
     problems = []
     if missing:

@@ -172,6 +172,10 @@ def env_offline() -> bool:
 def _local_checkpoint(path: Path) -> Path:
     if not path.is_dir():
         return path  # any file: the checkpoint reader says what it is if it is not a checkpoint
+    if (path / "config.json").is_file():  # a Hugging Face model folder (transformers, fla-hub, RWKV-org)
+        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return path / name  # the weights, or the index of their shards
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
     if len(found) == 1:
         return found[0]

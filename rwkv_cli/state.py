@@ -2,6 +2,7 @@
 
 Layouts follow `rwkv-models.md` §9 with a leading batch dimension B:
   RWKV-4, per layer: att_shift [B,C], wkv_num/wkv_den/wkv_max [B,A] (fp32), ffn_shift [B,C]
+  RWKV-5.x/6, per layer: att_shift [B,C], wkv [B,H,N,N] (fp32, indexed [key, value]), ffn_shift [B,C]
   RWKV-7, per layer: att_shift [B,C], wkv [B,H,N,N] (fp32, indexed [value, key]), ffn_shift [B,C]
 The shift vectors hold the LayerNorm output of the previous token, in the activation dtype.
 """
@@ -32,7 +33,20 @@ class RWKV7LayerState:
     ffn_shift: torch.Tensor  # [B, C]
 
 
-LAYER_STATE = {"4": RWKV4LayerState, "7": RWKV7LayerState}
+@dataclass
+class RWKV5LayerState:
+    """RWKV-5.0/5.1/5.2 and RWKV-6. The matrix state is the TRANSPOSE of RWKV-7's: row i is key
+    channel i (the decay scales rows), column j value channel j, as in the reference (§7.2, §9)."""
+
+    att_shift: torch.Tensor  # [B, C]
+    wkv: torch.Tensor  # [B, H, N, N]  fp32 matrix state S, indexed [key, value]
+    ffn_shift: torch.Tensor  # [B, C]
+
+
+LAYER_STATE = {
+    "4": RWKV4LayerState, "7": RWKV7LayerState,
+    "5.0": RWKV5LayerState, "5.1": RWKV5LayerState, "5.2": RWKV5LayerState, "6": RWKV5LayerState,
+}
 
 
 @dataclass
@@ -65,7 +79,9 @@ class State:
             else:
                 H, N = cfg.n_head, cfg.head_size
                 layers.append(
-                    RWKV7LayerState(torch.zeros(B, C, **act), torch.zeros(B, H, N, N, **f32), torch.zeros(B, C, **act))
+                    LAYER_STATE[cfg.version](
+                        torch.zeros(B, C, **act), torch.zeros(B, H, N, N, **f32), torch.zeros(B, C, **act)
+                    )
                 )
         return cls(cfg.version, layers)
 

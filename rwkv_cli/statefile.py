@@ -192,17 +192,19 @@ def load_state(path: str | Path, model=None) -> SavedState:
 
 
 def load_tuned_state(path: str | Path, model) -> State:
-    """A BlinkDL state-tuned file (`blocks.N.att.time_state` [H, N, N]) as an initial RWKV-7 state.
+    """A BlinkDL state-tuned file (`blocks.N.att.time_state` [H, N, N]) as an initial state.
 
-    For RWKV-7 the tensor is used as stored: it is already [head, value, key], the layout of the
-    inference state (`rwkv-models.md` §12); the shift vectors start at zero.
+    Orientation per version (`rwkv-models.md` §12): for RWKV-7 the tensor is used as stored (it is
+    already [head, value, key], the inference layout); for RWKV-5.x/6 its last two axes are
+    transposed into the [head, key, value] state, as the reference's legacy class and every
+    ChatRWKV demo do. The shift vectors start at zero.
     """
     from .checkpoint import read_tensors
 
     path = Path(path)
     cfg = model.cfg
-    if cfg.version != "7":
-        raise StateFileError(f"{path}: state-tuned initial states are supported for RWKV-7 models, not {cfg.name}")
+    if cfg.version not in ("5.0", "5.1", "5.2", "6", "7"):
+        raise StateFileError(f"{path}: state-tuned initial states are for RWKV-5, 6 and 7 models, not {cfg.name}")
     tensors = read_tensors(path)
     names = {f"blocks.{i}.att.time_state" for i in range(cfg.n_layer)}
     found = {k for k in tensors if k.endswith(".att.time_state")}
@@ -217,5 +219,7 @@ def load_tuned_state(path: str | Path, model) -> State:
         t = tensors[f"blocks.{i}.att.time_state"]
         if tuple(t.shape) != want:
             raise StateFileError(f"{path}: blocks.{i}.att.time_state has shape {list(t.shape)}, the model needs {list(want)}")
+        if cfg.version != "7":
+            t = t.transpose(1, 2)  # [head, value, key] as stored -> [head, key, value]
         layer.wkv = t.to(device=model.device, dtype=torch.float32).unsqueeze(0).contiguous()
     return state

@@ -19,6 +19,13 @@ def lora_rank(n_embd: int, factor: float, power: float) -> int:
 
 
 V7_LORA_RULES = {"w": (1.8, 0.5), "a": (1.8, 0.5), "v": (1.3, 0.5), "g": (0.6, 0.8)}
+V6_LORA = {"mix": 32, "decay": 64}  # RWKV-LM's D_MIX_LORA and D_DECAY_LORA at released sizes
+V5_V6 = ("5.0", "5.1", "5.2", "6")
+
+
+def ffn_width(version: str, n_embd: int) -> int:
+    """4C for RWKV-4/7; 3.5C rounded down to a multiple of 32 for RWKV-5/6 (their training code)."""
+    return int(3.5 * n_embd) // 32 * 32 if version in V5_V6 else 4 * n_embd
 
 
 def random_state_dict(
@@ -31,10 +38,10 @@ def random_state_dict(
     dtype: torch.dtype = torch.bfloat16,
     layer0_value_lora: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a random RWKV-4 or RWKV-7 model under BlinkDL names (`rwkv-models.md` §5)."""
+    """Tensors of a random RWKV-4, 5.0, 5.1, 5.2, 6 or 7 model under BlinkDL names (`rwkv-models.md` §5)."""
     gen = torch.Generator().manual_seed(seed)
     C = n_embd
-    V = vocab_size or (50277 if version == "4" else 65536)
+    V = vocab_size or (50277 if version == "4" else 65536)  # RWKV-5/6/7 models use the World vocabulary
 
     def normal(*shape, std=1.0, mean=0.0):
         return torch.randn(*shape, generator=gen) * std + mean
@@ -83,13 +90,63 @@ def random_state_dict(
                 sd[att + m + ".weight"] = mat(C, C)
             sd[att + "ln_x.weight"], sd[att + "ln_x.bias"] = ones_ish(), normal(C, std=0.05)
             sd[ffn + "x_k"] = uniform(1, 1, C)
+        elif version in V5_V6:
+            sd.update(_v5_v6_layer(version, i, n_layer, C, head_size, normal, uniform, mat))
         else:
-            raise ValueError(f"random checkpoints exist for RWKV-4 and RWKV-7, not {version!r}")
-        sd[ffn + "key.weight"] = mat(4 * C, C)
-        sd[ffn + "value.weight"] = mat(C, 4 * C, gain=0.5)
+            raise ValueError(f"random checkpoints exist for RWKV-4, 5.0, 5.1, 5.2, 6 and 7, not {version!r}")
+        F = ffn_width(version, C)
+        sd[ffn + "key.weight"] = mat(F, C)
+        sd[ffn + "value.weight"] = mat(C, F, gain=0.5)
     sd["ln_out.weight"], sd["ln_out.bias"] = ones_ish(), normal(C, std=0.05)
     sd["head.weight"] = normal(V, C, std=2 / math.sqrt(C))
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def _v5_v6_layer(version, i, n_layer, C, N, normal, uniform, mat) -> dict:
+    """One RWKV-5.x/6 layer's attention tensors plus its channel-mix mixes and receptance.
+
+    Decays span RWKV-LM's initial range (time_decay from -6, slow, up to about +1, where a channel
+    keeps e^-e = 7% per token), and the LoRAs are scaled so the data-dependent mixes and decays
+    move by a few tenths, as in trained models. 5.0 stores its bonus as `time_first` (used as
+    exp), the others as `time_faaaa` (used raw), so both rules of §3 are exercised.
+    """
+    H = C // N
+    att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+    depth = i / max(1, n_layer - 1)
+    ramp = torch.linspace(0, 1, C)
+    sd = {}
+    decay = -6 + 7 * ramp ** (0.7 + 1.3 * depth) + normal(C, std=0.3)  # per channel, slow to fast
+    bonus = 0.5 * (1 - ramp) + 0.1 * (torch.arange(C) % 3 - 1) + normal(C, std=0.1)
+    if version == "6":
+        for m in ("x", "w", "k", "v", "r", "g"):
+            sd[att + f"time_maa_{m}"] = uniform(1, 1, C)
+        D, D_w = V6_LORA["mix"], V6_LORA["decay"]
+        sd[att + "time_maa_w1"] = normal(C, 5 * D, std=1 / math.sqrt(C))
+        sd[att + "time_maa_w2"] = normal(5, D, C, std=0.5 / math.sqrt(D))
+        sd[att + "time_decay"] = decay.view(1, 1, C)
+        sd[att + "time_decay_w1"] = normal(C, D_w, std=1 / math.sqrt(C))
+        sd[att + "time_decay_w2"] = normal(D_w, C, std=0.5 / math.sqrt(D_w))
+        sd[att + "time_faaaa"] = bonus.view(H, N)
+        sd[ffn + "time_maa_k"], sd[ffn + "time_maa_r"] = uniform(1, 1, C), uniform(1, 1, C)
+    else:
+        for m in ("k", "v", "r") + (("g",) if version != "5.0" else ()):
+            sd[att + f"time_mix_{m}"] = uniform(1, 1, C)
+        if version == "5.2":
+            sd[att + "time_decay"], sd[att + "time_faaaa"] = decay.view(H, N), bonus.view(H, N)
+        else:  # one decay and bonus per head
+            head_ramp = torch.linspace(0, 1, H)
+            sd[att + "time_decay"] = -6 + 6.5 * head_ramp ** (0.7 + 1.3 * depth) + normal(H, std=0.3)
+            head_bonus = 0.3 + normal(H, std=0.1)
+            if version == "5.0":
+                sd[att + "time_first"] = torch.log(head_bonus.clamp(min=0.05))
+            else:
+                sd[att + "time_faaaa"] = head_bonus
+        sd[ffn + "time_mix_k"], sd[ffn + "time_mix_r"] = uniform(1, 1, C), uniform(1, 1, C)
+    for m in ("receptance", "key", "value", "output") + (("gate",) if version != "5.0" else ()):
+        sd[att + m + ".weight"] = mat(C, C)
+    sd[att + "ln_x.weight"], sd[att + "ln_x.bias"] = 1 + normal(C, std=0.1), normal(C, std=0.05)
+    sd[ffn + "receptance.weight"] = mat(C, C)
+    return sd
 
 
 def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -114,6 +171,7 @@ def random_checkpoint(path: str | Path, version: str, n_layer: int, n_embd: int,
 REFERENCE_STATE_FIELDS = {
     "4": ("att_shift", "wkv_num", "wkv_den", "wkv_max", "ffn_shift"),
     "7": ("att_shift", "wkv", "ffn_shift"),
+    **{v: ("att_shift", "wkv", "ffn_shift") for v in ("5.0", "5.1", "5.2", "6")},
 }
 
 

@@ -43,6 +43,7 @@ from . import tokenize  # noqa: E402,F401
 from . import generate  # noqa: E402,F401
 from . import chat  # noqa: E402,F401
 from . import state  # noqa: E402,F401
+from . import convert  # noqa: E402,F401
 
 
 def main() -> None:
