@@ -1,15 +1,21 @@
-// Matrix-vector products for decoding: y[b, o] = epilogue(sum_i act_in(x[b, i]) * W[o, i]) for a
-// few sequences (B <= 4), with several independent products ("segments") in one launch.
+// Matrix-vector products for decoding: y[b, o] = epilogue(sum_i in(x)[b, i] * W[o, i]) for a few
+// sequences (B <= 4), with several independent products ("segments") in one launch.
 //
 // Decoding one token is a chain of small launches; the products that need only the same earlier
 // result (RWKV-7: r, k, v and the four LoRA down-projections) run as one launch, so the GPU sees
 // one wide grid instead of seven narrow ones. Weights are [O, I] row-major in fp16 or bf16 and are
-// streamed once with 16-byte loads that bypass L1; x is staged in shared memory (16-bit, after its
-// input activation), fp32 accumulation.
+// streamed once with 16-byte loads that bypass L1; the input is staged in shared memory (16-bit),
+// fp32 accumulation.
 //
+// Input staging `in_act`: 0 x, 1 tanh(x), 2 sigmoid(x), or the LayerNorm of the residual x fused
+// with the token shift (rwkv-models.md §6): 3 xx + (p - xx) * mix (v7), 4 p + (xx - p) * mix (v4),
+// 5 xx alone; xx = LN(x) rounded to 16 bits, p = shift (the previous token's xx). Every block
+// normalises the B rows itself (C values each, from L2), which costs less than a separate launch.
+// The segment's first block also writes xx to `xx_out` and copies `copy_n` 16-bit values from
+// `copy_src` to `copy_dst` (how the decoding step updates its shift state a launch later).
 // Epilogue, in this order: out_act (none | relu^2 | sigmoid), times gate[b, o], plus res[b, o],
-// times scale; stored as fp32 or in the weights' type. `res` may alias `y` (in-place residual add).
-// Twin: rwkv_cli.cuda.twins.gemv.
+// times scale; stored as fp32 or 16-bit. `res` may alias `y` (in-place residual add).
+// Twin: rwkv_cli.cuda.twins.gemv_reference.
 #include "common.cuh"
 
 #define MAX_SEG 8
@@ -23,12 +29,20 @@ struct Seg {
     void* y;           // [B, O] (row stride y_stride)
     const void* res;   // [B, O] or null
     const void* gate;  // [B, O] or null
+    const void* shift; // [B, I] previous token's LN output (in_act 3, 4)
+    const void* ln_w;  // [I] (in_act 3, 4, 5)
+    const void* ln_b;  // [I]
+    const void* mix;   // [I] (in_act 3, 4)
+    void* xx_out;      // [B, I] or null: LN output, written by the segment's first block
+    const void* copy_src;  // side copy by the segment's first block (or null)
+    void* copy_dst;
     int O, I, x_stride, y_stride;
-    int in_act;        // 0 none, 1 tanh, 2 sigmoid
+    int in_act;        // 0 none, 1 tanh, 2 sigmoid, 3 LN + mix (v7), 4 LN + mix (v4), 5 LN
     int out_act;       // 0 none, 1 relu^2, 2 sigmoid
     int out_f32;       // y is fp32
     float scale;
     int block_start;   // first block of this segment
+    int copy_n;        // 16-bit values to copy
 };
 struct GemvParams {
     Seg seg[MAX_SEG];
@@ -52,6 +66,66 @@ __device__ __forceinline__ float activate(float v, int act) {
     return v;
 }
 
+// In-place on the staged rows xs [B][I/8]: xx = LN(x) (eps 1e-5, biased variance, fp32, rounded
+// to 16 bits like torch's layer_norm), then the token-shift mix with p = shift. Ends synced.
+template <class S, int B>
+__device__ void layernorm_mix(const Seg& sg, uint4* xs, int nchunk, bool first_block) {
+    __shared__ float red[2][WARPS][B];
+    __shared__ float mean[B], rstd[B];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float acc[B];
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            acc[b] = 0.f;
+            for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+                float f[8];
+                unpack8<S>(xs[b * nchunk + c], f);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float dv = pass ? f[e] - mean[b] : f[e];
+                    acc[b] += pass ? dv * dv : dv;
+                }
+            }
+            acc[b] = warp_sum(acc[b]);
+            if (lane == 0) red[pass][warp][b] = acc[b];
+        }
+        __syncthreads();
+        if (threadIdx.x < B) {
+            float t = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) t += red[pass][w][threadIdx.x];
+            if (pass == 0) mean[threadIdx.x] = t / sg.I;
+            else rstd[threadIdx.x] = rsqrtf(t / sg.I + 1e-5f);
+        }
+        __syncthreads();
+    }
+    for (int idx = threadIdx.x; idx < B * nchunk; idx += blockDim.x) {
+        const int b = idx / nchunk, c = idx - b * nchunk;
+        float f[8], w[8], bi[8], xx[8];
+        unpack8<S>(xs[idx], f);
+        unpack8<S>(((const uint4*)sg.ln_w)[c], w);
+        unpack8<S>(((const uint4*)sg.ln_b)[c], bi);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xx[e] = S::load(S::store((f[e] - mean[b]) * rstd[b] * w[e] + bi[e]));
+        const uint4 xx4 = make_uint4(pack2<S>(xx[0], xx[1]), pack2<S>(xx[2], xx[3]), pack2<S>(xx[4], xx[5]), pack2<S>(xx[6], xx[7]));
+        if (first_block && sg.xx_out) ((uint4*)((u16*)sg.xx_out + (size_t)b * sg.I))[c] = xx4;
+        if (sg.in_act == 5) {
+            xs[idx] = xx4;
+            continue;
+        }
+        float pv[8], mu[8], o[8];
+        unpack8<S>(((const uint4*)((const u16*)sg.shift + (size_t)b * sg.I))[c], pv);
+        unpack8<S>(((const uint4*)sg.mix)[c], mu);
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            o[e] = sg.in_act == 3 ? xx[e] + (pv[e] - xx[e]) * mu[e] : pv[e] + (xx[e] - pv[e]) * mu[e];
+        xs[idx] = make_uint4(pack2<S>(o[0], o[1]), pack2<S>(o[2], o[3]), pack2<S>(o[4], o[5]), pack2<S>(o[6], o[7]));
+    }
+    __syncthreads();
+}
+
 // grid: sum over segments of ceil(O / (WARPS * RW)) blocks; block: WARPS * 32 threads;
 // dynamic shared memory: B * max(I) * 2 bytes.
 template <class S, int B>
@@ -64,11 +138,11 @@ __device__ void gemv_impl(const GemvParams& p) {
         if (i < p.n_seg && blk >= p.seg[i].block_start) sg = p.seg[i];
     const int nchunk = sg.I >> 3;
 
-    // stage x (with its input activation) in shared memory
+    // stage the input (x, its activation, or LN + token shift of the residual) in shared memory
     for (int idx = threadIdx.x; idx < B * nchunk; idx += blockDim.x) {
         const int b = idx / nchunk, c = idx - b * nchunk;
         uint4 v = *((const uint4*)((const u16*)sg.x + (size_t)b * sg.x_stride) + c);
-        if (sg.in_act) {
+        if (sg.in_act == 1 || sg.in_act == 2) {
             float f[8];
             unpack8<S>(v, f);
 #pragma unroll
@@ -78,6 +152,9 @@ __device__ void gemv_impl(const GemvParams& p) {
         xs[idx] = v;
     }
     __syncthreads();
+    if (sg.in_act >= 3) layernorm_mix<S, B>(sg, xs, nchunk, blk == sg.block_start);
+    if (sg.copy_n && blk == sg.block_start)
+        for (int i = threadIdx.x; i < sg.copy_n; i += blockDim.x) ((u16*)sg.copy_dst)[i] = ((const u16*)sg.copy_src)[i];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int o0 = (blk - sg.block_start) * (WARPS * RW) + warp * RW;

@@ -68,9 +68,13 @@ __device__ void wkv7_prep_impl(const typename S::T* r, const typename S::T* k, c
 // grid: (B * H * 4) blocks of 64 threads; block = (b, h, 16 rows of S). Thread (p, g): rows
 // row0 + p and row0 + p + 8, columns 4g..4g+3 and 32+4g..32+4g+3. The six per-token vectors are
 // staged through shared memory TC tokens at a time with cp.async (double-buffered), so the
-// loads of the next chunk overlap the serial work on this one.
+// loads of the next chunk overlap the serial work on this one. Only S alpha is reduced across
+// the 8 threads of a row inside the serial loop (3 shuffles); the readout's partial sums go to
+// shared memory and are summed once per chunk, off the critical path.
+// Dynamic shared memory: WKV7_SEQ_SMEM bytes.
 #define TC 16
 #define NV 6  // r, d, kk, kw, beta, vw  (vw indexed by row, the rest by column)
+#define WKV7_SEQ_SMEM (2 * TC * NV * N * 4 + TC * 16 * 8 * 4)
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const u32 s = (u32)__cvta_generic_to_shared(smem);
@@ -104,12 +108,13 @@ extern "C" __global__ void __launch_bounds__(64) wkv7_seq(
     const float* __restrict__ S_in, float* __restrict__ S_out,  // [B, H, N, N]
     float* __restrict__ y,                                      // [B*T, H*N]
     int T, int H) {
-    __shared__ __align__(16) float buf[2][TC][NV][N];
+    extern __shared__ float4 smem4[];
+    float(*buf)[TC][NV][N] = (float(*)[TC][NV][N])smem4;        // [2][TC][NV][N]
+    float(*ypart)[16][8] = (float(*)[16][8])(smem4 + 2 * TC * NV * N / 4);  // [TC][16 rows][8 threads]
     const int part = blockIdx.x & 3, bh = blockIdx.x >> 2, h = bh % H, b = bh / H;
     const int g = threadIdx.x & 7, p = threadIdx.x >> 3;
     const int i0 = part * 16 + p, i1 = i0 + 8;
     const int C = H * N;
-    const float* src[NV] = {r, d, kk, kw, beta, vw};
 
     const float* Sb = S_in + ((size_t)bh * N) * N;
     float4 s0a = *(const float4*)(Sb + i0 * N + 4 * g), s0b = *(const float4*)(Sb + i0 * N + 32 + 4 * g);
@@ -117,10 +122,12 @@ extern "C" __global__ void __launch_bounds__(64) wkv7_seq(
 
     // chunk loader: TC tokens x NV vectors x 16 float4 = 1536 copies over 64 threads
     auto load_chunk = [&](int chunk, int slot) {
+#pragma unroll 4
         for (int idx = threadIdx.x; idx < TC * NV * 16; idx += 64) {
             const int q = idx & 15, vec = (idx >> 4) % NV, tt = idx / (16 * NV);
             const int t = chunk * TC + tt;
-            if (t < T) cp_async16(&buf[slot][tt][vec][4 * q], src[vec] + ((size_t)(b * T + t)) * C + h * N + 4 * q);
+            const float* src = vec == 0 ? r : vec == 1 ? d : vec == 2 ? kk : vec == 3 ? kw : vec == 4 ? beta : vw;
+            if (t < T) cp_async16(&buf[slot][tt][vec][4 * q], src + ((size_t)(b * T + t)) * C + h * N + 4 * q);
         }
         cp_async_commit();
     };
@@ -137,24 +144,26 @@ extern "C" __global__ void __launch_bounds__(64) wkv7_seq(
         const int slot = ch & 1, tend = min(TC, T - ch * TC);
         for (int tt = 0; tt < tend; ++tt) {
             const float(*vb)[N] = buf[slot][tt];
+            // every load of this token first: only S alpha waits on the previous token's update
             const float4 ka = *(const float4*)&vb[2][4 * g], kb = *(const float4*)&vb[2][32 + 4 * g];
-            // S alpha with alpha = -kk, for both rows (uses the old S)
-            const float sa0 = -sum8(dot8(s0a, s0b, ka, kb)), sa1 = -sum8(dot8(s1a, s1b, ka, kb));
             const float4 da = *(const float4*)&vb[1][4 * g], db = *(const float4*)&vb[1][32 + 4 * g];
             const float4 ba = *(const float4*)&vb[4][4 * g], bb = *(const float4*)&vb[4][32 + 4 * g];
             const float4 wa = *(const float4*)&vb[3][4 * g], wb = *(const float4*)&vb[3][32 + 4 * g];
+            const float4 ra = *(const float4*)&vb[0][4 * g], rb = *(const float4*)&vb[0][32 + 4 * g];
             const float v0 = vb[5][i0], v1 = vb[5][i1];
+            // S alpha with alpha = -kk, for both rows (uses the old S)
+            const float sa0 = -sum8(dot8(s0a, s0b, ka, kb)), sa1 = -sum8(dot8(s1a, s1b, ka, kb));
             update8(s0a, da, sa0, ba, v0, wa); update8(s0b, db, sa0, bb, v0, wb);
             update8(s1a, da, sa1, ba, v1, wa); update8(s1b, db, sa1, bb, v1, wb);
-            const float4 ra = *(const float4*)&vb[0][4 * g], rb = *(const float4*)&vb[0][32 + 4 * g];
-            const float y0 = sum8(dot8(s0a, s0b, ra, rb)), y1 = sum8(dot8(s1a, s1b, ra, rb));
-            if (g == 0) {
-                const size_t at = ((size_t)(b * T + ch * TC + tt)) * C + h * N;
-                y[at + i0] = y0;
-                y[at + i1] = y1;
-            }
+            ypart[tt][p][g] = dot8(s0a, s0b, ra, rb);
+            ypart[tt][p + 8][g] = dot8(s1a, s1b, ra, rb);
         }
-        __syncthreads();  // this slot is refilled by the next iteration's prefetch
+        __syncthreads();  // partial readouts complete; this slot is refilled by the next prefetch
+        for (int o = threadIdx.x; o < tend * 16; o += 64) {  // y = sum of the 8 partials
+            const int tt = o >> 4, row = o & 15;
+            const float4 a = *(const float4*)&ypart[tt][row][0], c = *(const float4*)&ypart[tt][row][4];
+            y[((size_t)(b * T + ch * TC + tt)) * C + h * N + part * 16 + row] = (a.x + a.y) + (a.z + a.w) + (c.x + c.y) + (c.z + c.w);
+        }
     }
     float* So = S_out + ((size_t)bh * N) * N;
     *(float4*)(So + i0 * N + 4 * g) = s0a; *(float4*)(So + i0 * N + 32 + 4 * g) = s0b;

@@ -185,11 +185,13 @@ def reference_state_as_dict(flat: dict[str, torch.Tensor], prefix: str, version:
     }
 
 
-def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: float = 900) -> list[dict]:
+def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: float = 900, env: dict | None = None) -> list[dict]:
     """Run jobs through BlinkDL's `rwkv` package in a child process with its environment flags.
 
     Each job is {"checkpoint", "prompt", "steps"[, "strategy"]}; returns the loaded outputs
-    (see `rwkv_cli._reference_worker`). Needs the `rwkv` test dependency.
+    (see `rwkv_cli._reference_worker`). Needs the `rwkv` test dependency. `env` adds variables
+    for the child, e.g. {"RWKV_CUDA_ON": "1"} with a "cuda fp16" strategy (the reference then
+    builds its CUDA extension with nvcc and ninja).
     """
     import json
     import os
@@ -205,10 +207,12 @@ def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: 
         full.append({"strategy": "cpu fp32", **job, "out": str(workdir / f"reference-{version}-{n}.safetensors")})
     spec = workdir / f"reference-jobs-{version}.json"
     spec.write_text(json.dumps(full))
+    extra_env = env
     env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
     env.pop("RWKV_V7_ON", None)
     if version == "7":
         env["RWKV_V7_ON"] = "1"
+    env.update(extra_env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "rwkv_cli._reference_worker", str(spec)],
         env=env, capture_output=True, text=True, timeout=timeout,

@@ -90,8 +90,20 @@ def wkv4_step(w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o, B, A):
         dst.copy_(src)
 
 
+class FakeGemv:
+    """kernels/gemv.cu for one prepared launch: the fp32 reference of the same products."""
+
+    def __init__(self, segs):
+        self.segs = segs
+
+    def launch(self, grid, block, payload, smem):
+        assert payload and grid > 0
+        twins.gemv_reference(self.segs)
+
+
 class FakeKernels:
-    """Stands in for loader.Kernels. max_smem = 0 routes products to twins.gemv_torch."""
+    """Stands in for loader.Kernels. max_smem = 0 routes decoding products to cuBLAS
+    (twins.gemv_torch) with a separate ln_mix launch; otherwise gemv launches run FakeGemv."""
 
     max_smem = 0
     fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_post": wkv7_post,
@@ -102,10 +114,16 @@ class FakeKernels:
         return FakeKernel(name, self.fns[family])
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    """Models built inside this fixture's scope see the emulated kernels on the CPU."""
+@pytest.fixture(params=["gemv", "cublas"])
+def emulated(monkeypatch, request):
+    """Models built inside this fixture's scope see the emulated kernels on the CPU; decoding
+    products through the fused gemv launches (LayerNorm staged inside) or through cuBLAS."""
+    from rwkv_cli.cuda import kops
+
     fake = FakeKernels()
+    if request.param == "gemv":
+        fake.max_smem = 1 << 20
+        monkeypatch.setattr(kops, "gemv_kernel", lambda K, segs: FakeGemv(segs))
     monkeypatch.setattr(loader, "kernels_for", lambda device: fake)
     return fake
 

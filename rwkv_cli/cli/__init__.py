@@ -41,6 +41,7 @@ from . import info  # noqa: E402,F401  (registers commands)
 from . import models  # noqa: E402,F401
 from . import tokenize  # noqa: E402,F401
 from . import generate  # noqa: E402,F401
+from . import bench  # noqa: E402,F401
 from . import chat  # noqa: E402,F401
 from . import state  # noqa: E402,F401
 from . import convert  # noqa: E402,F401

@@ -20,6 +20,12 @@ def env() -> None:
     typer.echo(f"rwkv-cli {__version__}, Python {platform.python_version()}, torch {torch.__version__}")
     typer.echo(f"CPU threads: {torch.get_num_threads()}, CPU fp32 matmul backend: {cpu_matmul_backend()}")
     if torch.cuda.is_available():
-        typer.echo(f"CUDA {torch.version.cuda}: {torch.cuda.get_device_name()}")
+        from ..cuda import describe_backend
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        typer.echo(f"CUDA {torch.version.cuda}: {props.name} (sm_{props.major}{props.minor}, "
+                   f"{props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} device(s))")
+        typer.echo(f"GPU kernel backend: {describe_backend()}")
     else:
-        typer.echo("CUDA: not available")
+        built = "torch built without CUDA" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        typer.echo(f"CUDA: not available ({built}); GPU kernel backend: none (CPU only)")

@@ -4,12 +4,13 @@
 token ids in `tokens` [B] and the state in `state` (updated in place), and writes fp32 logits [B, V].
 Every launch and its arguments are prepared once, so the function is what a CUDA graph captures.
 
-Launches per layer (RWKV-7): LN1 + six token-shift mixes; one gemv launch for r, k, v and the four
-LoRA down-projections; one for the four LoRA up-projections (tanh / sigmoid on their inputs); the
-fused WKV step (decay, keys, delta-rule update, readout, GroupNorm, bonus, gate); the output
-projection with the residual add; LN2 + mix; FFN key (relu^2); FFN value with the residual add.
-RWKV-4 is the same shape with its own mixes and a receptance-gated FFN. Products go through
-kernels/gemv.cu for B <= 4 in fp16/bf16, else through cuBLAS (`twins.gemv_torch`).
+Launches per layer (RWKV-7, B <= 4 in fp16/bf16): one gemv launch for r, k, v and the four LoRA
+down-projections, each staging LN1 + its token-shift mix itself; one for the four LoRA
+up-projections (tanh / sigmoid on their inputs); the fused WKV step (decay, keys, delta-rule
+update, readout, GroupNorm, bonus, gate); the output projection with the residual add (and the
+att_shift update as a side copy); the FFN key with LN2 + mix staged and relu^2; the FFN value
+with the residual add (and the ffn_shift update). Six launches; RWKV-4 has five. For larger
+batches and fp32, a separate ln_mix launch feeds cuBLAS products (`twins.gemv_torch`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ class _Builder:
     def __init__(self, net, K, B: int):
         self.net, self.K, self.B = net, K, B
         self.dt, self.dev = net.dtype, net.device
-        self.use_gemv = B <= kops.GEMV_MAX_B and self.dt in (torch.float16, torch.bfloat16)
+        # kernels/gemv.cu for B <= 4 in half precision (LayerNorm fused into its staging); else
+        # a separate ln_mix launch and cuBLAS products
+        self.fused = B <= kops.GEMV_MAX_B and self.dt in (torch.float16, torch.bfloat16) and K.max_smem > 0
         self.ops = []
 
     def buf(self, *shape, dtype=None):
         return torch.zeros(*shape, dtype=dtype or self.dt, device=self.dev)
 
     def products(self, segs: list[Seg]) -> None:
-        if self.use_gemv:
+        if self.fused:
             payload, grid, smem = kops.gemv_payload(segs)
             if smem <= self.K.max_smem:
                 kern = kops.gemv_kernel(self.K, segs)
@@ -45,15 +48,35 @@ class _Builder:
         C = x.shape[-1]
         self.ops.append(lambda: kern(self.B, 256, x, shift, w, b, mix, out, xx_out, shift_out, 1, C, n, int(v4_order)))
 
+    def normed(self, x, shift, ln, mixes, v4_order, xx):
+        """Inputs of the products after a LayerNorm: with `fused`, LayerNorm + token shift become
+        the staging of each product (`in_act` 3/4) and xx lands in `xx` for a later side copy into
+        `shift`; else one ln_mix launch writes the mixed inputs and updates `shift` in place.
+        Returns, per mix vector, the keyword arguments of a Seg."""
+        if self.fused:
+            act = 4 if v4_order else 3
+            return [dict(x=x, in_act=act, shift=shift, ln=ln, mix=m, xx_out=xx if i == 0 else None)
+                    for i, m in enumerate(mixes.unbind(0))]
+        out = self.buf(mixes.shape[0], self.B, x.shape[-1])
+        self.ln_mix(x, shift, *ln, mixes, v4_order, out=out, shift_out=shift)
+        return [dict(x=o) for o in out.unbind(0)]
+
+    def side_copy(self, xx, shift):
+        """(src, dst) for the launch after the one that read `shift` (fused path only)."""
+        return (xx, shift) if self.fused else None
+
     def embed_and_head(self, tokens, logits, body):
         """x = emb[tokens]; the layers (`body(x)`); logits = head(LN_out(x))."""
         C = self.net.cfg.n_embd
         x = self.buf(self.B, C)
         self.ops.append(lambda: torch.index_select(self.net.emb, 0, tokens, out=x))
         body(x)
-        xo = self.buf(self.B, C)
-        self.ln_mix(x, x, *self.net.ln_out, None, False, out=xo, xx_out=xo)
-        self.products([Seg(xo, self.net.head, logits)])
+        if self.fused:
+            self.products([Seg(x, self.net.head, logits, in_act=5, ln=self.net.ln_out)])
+        else:
+            xo = self.buf(self.B, C)
+            self.ln_mix(x, x, *self.net.ln_out, None, False, out=xo, xx_out=xo)
+            self.products([Seg(xo, self.net.head, logits)])
 
     def function(self):
         ops = tuple(self.ops)
@@ -69,30 +92,27 @@ def build_step7(net, K, state, tokens, logits):
     cfg = net.cfg
     b = _Builder(net, K, tokens.shape[0])
     B, C, H = b.B, cfg.n_embd, cfg.n_head
-    mixes = b.buf(6, B, C)
-    xr, xk, xv, xw, xa, xg = mixes.unbind(0)
-    r, k, v, wz, az, vz, g, vf, y = (b.buf(B, C) for _ in range(9))
-    ffn_in = b.buf(1, B, C)
+    r, k, v, wz, az, vz, g, vf, y, xx_att, xx_ffn = (b.buf(B, C) for _ in range(11))
     hidden = b.buf(B, net.layers[0].ffn_key.shape[0])
 
     def body(x):
         for lw, st in zip(net.layers, state.layers):
             first = lw.v0 is None
             lo = {n: b.buf(B, getattr(lw, n + "1").shape[0]) for n in ("w", "a", "v", "g") if not (first and n == "v")}
-            b.ln_mix(x, st.att_shift, *lw.ln1, lw.mix.view(6, C), False, out=mixes, shift_out=st.att_shift)
-            b.products([Seg(xr, lw.W_r, r), Seg(xk, lw.W_k, k), Seg(xv, lw.W_v, v), Seg(xw, lw.w1, lo["w"]),
-                        Seg(xa, lw.a1, lo["a"]), Seg(xg, lw.g1, lo["g"])]
-                       + ([] if first else [Seg(xv, lw.v1, lo["v"])]))
+            ir, ik, iv, iw, ia, ig = b.normed(x, st.att_shift, lw.ln1, lw.mix.view(6, C), False, xx_att)
+            b.products([Seg(W=lw.W_r, y=r, **ir), Seg(W=lw.W_k, y=k, **ik), Seg(W=lw.W_v, y=v, **iv),
+                        Seg(W=lw.w1, y=lo["w"], **iw), Seg(W=lw.a1, y=lo["a"], **ia), Seg(W=lw.g1, y=lo["g"], **ig)]
+                       + ([] if first else [Seg(W=lw.v1, y=lo["v"], **iv)]))
             b.products([Seg(lo["w"], lw.w2, wz, in_act=1), Seg(lo["a"], lw.a2, az), Seg(lo["g"], lw.g2, g, in_act=2)]
                        + ([] if first else [Seg(lo["v"], lw.v2, vz)]))
             kern = K.get(f"wkv7_step_{kops.SUFFIX[b.dt]}")
             args = (r, k, v, wz, az, None if first else vz, g, vf, int(first), lw.w0, lw.a0,
                     lw.v0, lw.k_k, lw.k_a, lw.r_k, *lw.ln_x, st.wkv, st.wkv, y, H)
             b.ops.append(lambda kern=kern, args=args: kern(B * H, 256, *args))
-            b.products([Seg(y, lw.W_o, x, res=x)])
-            b.ln_mix(x, st.ffn_shift, *lw.ln2, lw.ffn_mix.view(1, C), False, out=ffn_in, shift_out=st.ffn_shift)
-            b.products([Seg(ffn_in[0], lw.ffn_key, hidden, out_act=1)])
-            b.products([Seg(hidden, lw.ffn_value, x, res=x)])
+            b.products([Seg(y, lw.W_o, x, res=x, copy=b.side_copy(xx_att, st.att_shift))])
+            (fk,) = b.normed(x, st.ffn_shift, lw.ln2, lw.ffn_mix.view(1, C), False, xx_ffn)
+            b.products([Seg(W=lw.ffn_key, y=hidden, out_act=1, **fk)])
+            b.products([Seg(hidden, lw.ffn_value, x, res=x, copy=b.side_copy(xx_ffn, st.ffn_shift))])
 
     b.embed_and_head(tokens, logits, body)
     return b.function()
@@ -102,26 +122,23 @@ def build_step4(net, K, state, tokens, logits):
     cfg = net.cfg
     b = _Builder(net, K, tokens.shape[0])
     B, C, A = b.B, cfg.n_embd, cfg.dim_att
-    att_in = b.buf(3, B, C)
-    xk, xv, xr = att_in.unbind(0)
     k, v = b.buf(B, A, dtype=torch.float32), b.buf(B, A, dtype=torch.float32)
-    r, rwkv = b.buf(B, A), b.buf(B, A)
-    ffn_in = b.buf(2, B, C)
-    fk, fr = ffn_in.unbind(0)
+    r, rwkv, xx_att, xx_ffn = b.buf(B, A), b.buf(B, A), b.buf(B, C), b.buf(B, C)
     hidden, rr = b.buf(B, net.layers[0].ffn_key.shape[0]), b.buf(B, C)
 
     def body(x):
         for lw, st in zip(net.layers, state.layers):
-            b.ln_mix(x, st.att_shift, *lw.ln1, lw.att_mix.view(3, C), True, out=att_in, shift_out=st.att_shift)
-            b.products([Seg(xk, lw.W_k, k), Seg(xv, lw.W_v, v), Seg(xr, lw.W_r, r, out_act=2)])
+            ik, iv, ir = b.normed(x, st.att_shift, lw.ln1, lw.att_mix.view(3, C), True, xx_att)
+            b.products([Seg(W=lw.W_k, y=k, **ik), Seg(W=lw.W_v, y=v, **iv), Seg(W=lw.W_r, y=r, out_act=2, **ir)])
             kern = K.get(f"wkv4_step_{kops.SUFFIX[b.dt]}")
             args = (lw.decay, lw.bonus, k, v, r, st.wkv_num, st.wkv_den, st.wkv_max, rwkv,
                     st.wkv_num, st.wkv_den, st.wkv_max, B, A)
             b.ops.append(lambda kern=kern, args=args: kern(-(-B * A // 256), 256, *args))
-            b.products([Seg(rwkv, lw.W_o, x, res=x)])
-            b.ln_mix(x, st.ffn_shift, *lw.ln2, lw.ffn_mix.view(2, C), True, out=ffn_in, shift_out=st.ffn_shift)
-            b.products([Seg(fk, lw.ffn_key, hidden, out_act=1), Seg(fr, lw.ffn_receptance, rr, out_act=2)])
-            b.products([Seg(hidden, lw.ffn_value, x, res=x, gate=rr, scale=0.5 if lw.halve_after else 1.0)])
+            b.products([Seg(rwkv, lw.W_o, x, res=x, copy=b.side_copy(xx_att, st.att_shift))])
+            fk, fr = b.normed(x, st.ffn_shift, lw.ln2, lw.ffn_mix.view(2, C), True, xx_ffn)
+            b.products([Seg(W=lw.ffn_key, y=hidden, out_act=1, **fk), Seg(W=lw.ffn_receptance, y=rr, out_act=2, **fr)])
+            b.products([Seg(hidden, lw.ffn_value, x, res=x, gate=rr, scale=0.5 if lw.halve_after else 1.0,
+                            copy=b.side_copy(xx_ffn, st.ffn_shift))])
 
     b.embed_and_head(tokens, logits, body)
     return b.function()

@@ -10,6 +10,7 @@ import struct
 
 import torch
 
+from .loader import GEMV_PARAMS_FMT
 from .twins import Seg
 
 SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -19,8 +20,9 @@ HEAD_SIZE = 64  # the RWKV-7 kernels are written for N = 64 (every released mode
 GEMV_MAX_B = 4
 GEMV_MAX_SEG = 8
 GEMV_ROWS_PER_BLOCK = 16  # WARPS * RW
-_SEG_FMT = "5Q4i3ifi4x"  # struct Seg: 5 pointers, O I x_stride y_stride, in_act out_act out_f32, scale, block_start
-_PARAMS_FMT = "@" + _SEG_FMT * GEMV_MAX_SEG + "i4x"
+WKV7_SEQ_SMEM = 2 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM
+_SEG_FMT = "12Q7ifii"  # struct Seg: 12 pointers, O I x_stride y_stride in_act out_act out_f32, scale, block_start, copy_n
+_PARAMS_FMT = GEMV_PARAMS_FMT
 
 
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -41,6 +43,36 @@ def ln_mix(K, x, shift, w, b, mix, v4_order: bool, want_xx: bool = False):
     return (out[:n], shift_out, xx) if want_xx else (out[:n], shift_out)
 
 
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check_seg(s: Seg, B: int) -> None:
+    O, In = s.W.shape
+    if s.x.shape[0] != B or s.y.shape[0] != B or s.x.shape[1] != In or s.y.shape[1] != O:
+        raise ValueError(f"gemv shapes do not match: x {list(s.x.shape)}, W {[O, In]}, y {list(s.y.shape)}")
+    if s.x.dtype != s.W.dtype or s.W.dtype not in (torch.float16, torch.bfloat16) or not s.W.is_contiguous():
+        raise ValueError("gemv needs contiguous fp16/bf16 weights and inputs of the same type")
+    if In % 8 or s.x.stride(1) != 1 or s.x.stride(0) % 8 or s.x.data_ptr() % 16 or s.W.data_ptr() % 16:
+        raise ValueError("gemv needs 16-byte aligned rows (I a multiple of 8)")
+    ys = s.y.stride(0)
+    for t in (s.res, s.gate):
+        if t is not None and (t.stride(0) != ys or t.stride(1) != 1 or t.dtype != s.W.dtype):
+            raise ValueError("gemv res/gate must share y's row stride and the weights' dtype")
+    if s.y.stride(1) != 1 or (s.y.dtype != s.W.dtype and s.y.dtype != torch.float32):
+        raise ValueError("gemv output must have unit column stride and be fp32 or the weights' dtype")
+    if s.in_act >= 3:
+        vecs = [*s.ln] + ([s.mix, s.shift] if s.in_act < 5 else [])
+        if s.x.stride(0) != In or any(v.dtype != s.W.dtype or not v.is_contiguous() or v.data_ptr() % 16 for v in vecs) \
+                or (s.in_act < 5 and tuple(s.shift.shape) != (B, In)):
+            raise ValueError("gemv LayerNorm staging needs contiguous, aligned [B, I] x/shift and [I] vectors")
+    if s.xx_out is not None and (not s.xx_out.is_contiguous() or s.xx_out.data_ptr() % 16 or s.xx_out.dtype != s.W.dtype):
+        raise ValueError("gemv xx_out must be contiguous and aligned")
+    if s.copy is not None and (s.copy[0].dtype.itemsize != 2 or s.copy[0].numel() != s.copy[1].numel()
+                               or not s.copy[0].is_contiguous() or not s.copy[1].is_contiguous()):
+        raise ValueError("gemv side copies are contiguous 16-bit tensors of equal size")
+
+
 def gemv_payload(segs: list[Seg]) -> tuple[bytes, int, int]:
     """Pack up to 8 products for one gemv launch: (parameter bytes, grid, dynamic shared memory)."""
     if not 1 <= len(segs) <= GEMV_MAX_SEG:
@@ -48,27 +80,18 @@ def gemv_payload(segs: list[Seg]) -> tuple[bytes, int, int]:
     B = segs[0].x.shape[0]
     fields, start, max_in = [], 0, 0
     for s in segs:
+        _check_seg(s, B)
         O, In = s.W.shape
-        if s.x.shape[0] != B or s.y.shape[0] != B or s.x.shape[1] != In or s.y.shape[1] != O:
-            raise ValueError(f"gemv shapes do not match: x {list(s.x.shape)}, W {[O, In]}, y {list(s.y.shape)}")
-        if s.x.dtype != s.W.dtype or s.W.dtype not in (torch.float16, torch.bfloat16) or not s.W.is_contiguous():
-            raise ValueError("gemv needs contiguous fp16/bf16 weights and inputs of the same type")
-        if In % 8 or s.x.stride(1) != 1 or s.x.stride(0) % 8 or s.x.data_ptr() % 16 or s.W.data_ptr() % 16:
-            raise ValueError("gemv needs 16-byte aligned rows (I a multiple of 8)")
-        ys = s.y.stride(0)
-        for t in (s.res, s.gate):
-            if t is not None and (t.stride(0) != ys or t.stride(1) != 1 or t.dtype != s.W.dtype):
-                raise ValueError("gemv res/gate must share y's row stride and the weights' dtype")
-        if s.y.stride(1) != 1 or (s.y.dtype != s.W.dtype and s.y.dtype != torch.float32):
-            raise ValueError("gemv output must have unit column stride and be fp32 or the weights' dtype")
-        fields += [s.x.data_ptr(), s.W.data_ptr(), s.y.data_ptr(),
-                   0 if s.res is None else s.res.data_ptr(), 0 if s.gate is None else s.gate.data_ptr(),
-                   O, In, s.x.stride(0), ys, s.in_act, s.out_act, int(s.y.dtype == torch.float32),
-                   float(s.scale), start]
+        ln = s.ln or (None, None)
+        src, dst = s.copy or (None, None)
+        fields += [s.x.data_ptr(), s.W.data_ptr(), s.y.data_ptr(), _ptr(s.res), _ptr(s.gate), _ptr(s.shift),
+                   _ptr(ln[0]), _ptr(ln[1]), _ptr(s.mix), _ptr(s.xx_out), _ptr(src), _ptr(dst),
+                   O, In, s.x.stride(0), s.y.stride(0), s.in_act, s.out_act, int(s.y.dtype == torch.float32),
+                   float(s.scale), start, 0 if src is None else src.numel()]
         start += -(-O // GEMV_ROWS_PER_BLOCK)
         max_in = max(max_in, In)
     for _ in range(GEMV_MAX_SEG - len(segs)):
-        fields += [0] * 5 + [0] * 7 + [1.0, start]
+        fields += [0] * 12 + [0] * 7 + [1.0, start, 0]
     payload = struct.pack(_PARAMS_FMT, *fields, len(segs))
     return payload, start, B * max_in * 2
 
@@ -106,7 +129,7 @@ def wkv7_seq(K, S, r, d, kk, kw, beta, vw):
     T = r.shape[1]
     y = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     S_out = torch.empty_like(S)
-    K.get("wkv7_seq")(B * H * 4, 64, *map(_c, (r, d, kk, kw, beta, vw, S)), S_out, y, T, H)
+    K.get("wkv7_seq")(B * H * 4, 64, *map(_c, (r, d, kk, kw, beta, vw, S)), S_out, y, T, H, smem=WKV7_SEQ_SMEM)
     return y, S_out
 
 

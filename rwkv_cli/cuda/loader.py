@@ -35,8 +35,18 @@ SIGNATURES = {
 }
 
 
+# struct GemvParams of kernels/gemv.cu: 8 x Seg (12 pointers, 7 ints, a float, 2 ints), n_seg
+GEMV_PARAMS_FMT = "@" + "12Q7ifii" * 8 + "i4x"
+
+
 class KernelError(RuntimeError):
     pass
+
+
+def torch_device(index: int):
+    import torch
+
+    return torch.cuda.device(index)
 
 
 def source_dir() -> Path:
@@ -157,8 +167,12 @@ class Kernels:
             for name in SOURCES:
                 self.modules[name] = self._load(name)
         props = torch.cuda.get_device_properties(device_index)
-        self.max_smem = int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+        # dynamic shared memory a launch may ask for: the opt-in limit less 4 KiB, which covers
+        # every kernel's static shared memory (the two must fit together)
+        self.optin_smem = int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+        self.max_smem = self.optin_smem - 4096
         self._funcs: dict[str, Kernel] = {}
+        self._resolve_all()  # any failure here means: report once and use the PyTorch path
 
     # -- compilation ----------------------------------------------------------------------------
     def _target(self) -> tuple[str, str]:
@@ -218,13 +232,34 @@ class Kernels:
             nv.nvrtcDestroyProgram(prog)
 
     # -- lookup ---------------------------------------------------------------------------------
+    def _resolve_all(self) -> None:
+        import struct as _struct
+
+        for family in SIGNATURES:
+            for suffix in ("f16", "bf16", "f32") if family not in ("wkv7_seq", "wkv4_seq") else ("",):
+                with torch_device(self.device_index):
+                    self.get(f"{family}_{suffix}" if suffix else family)
+        for dt in ("f16", "bf16"):
+            for B in range(1, 5):
+                with torch_device(self.device_index):
+                    self.raw("gemv", f"gemv_{dt}_b{B}", _struct.calcsize(GEMV_PARAMS_FMT))
+
+    def _allow_smem(self, func, name: str) -> None:
+        """Let the kernel use all the dynamic shared memory a block may have (above 48 KB it must ask)."""
+        attrs = self.driver.CUfunction_attribute
+        static = _check(self.driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, func),
+                        f"shared memory size of {name}")
+        if static > self.optin_smem - self.max_smem:
+            raise KernelError(f"{name} uses {static} bytes of static shared memory")
+        if self.optin_smem - static > 48 * 1024:
+            _check(self.driver.cuFuncSetAttribute(func, attrs.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                  self.optin_smem - static), f"shared memory for {name}")
+
     def raw(self, module: str, name: str, size: int) -> RawKernel:
-        """A kernel taking one struct of `size` bytes; it may use all the dynamic shared memory."""
+        """A kernel taking one struct of `size` bytes."""
         if name not in self._funcs:
             func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
-            if self.max_smem > 48 * 1024:
-                attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-                _check(self.driver.cuFuncSetAttribute(func, attr, self.max_smem), f"shared memory for {name}")
+            self._allow_smem(func, name)
             self._funcs[name] = RawKernel(self.driver, func, name, size)
         return self._funcs[name]
 
@@ -234,6 +269,7 @@ class Kernels:
             family = next(f for f in sorted(SIGNATURES, key=len, reverse=True) if name.startswith(f))
             module = {"ln": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4"}[family[:2]]
             func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
+            self._allow_smem(func, name)
             self._funcs[name] = Kernel(self.driver, func, name, SIGNATURES[family])
         return self._funcs[name]
 

@@ -30,24 +30,43 @@ def ln_mix(x, shift, w, b, mix, v4_order: bool):
 
 @dataclass
 class Seg:
-    """One product of kernels/gemv.cu: y = ((act_out(act_in(x) @ W^T) * gate) + res) * scale."""
+    """One product of kernels/gemv.cu: y = ((act_out(in(x) @ W^T) * gate) + res) * scale, where
+    in(x) is x, tanh(x), sigmoid(x) (in_act 0-2) or the LayerNorm of the residual x with the token
+    shift: 3 xx + (shift - xx) * mix (v7), 4 shift + (xx - shift) * mix (v4), 5 xx."""
 
     x: torch.Tensor  # [B, I]
     W: torch.Tensor  # [O, I]
     y: torch.Tensor  # [B, O], written
     res: torch.Tensor | None = None
     gate: torch.Tensor | None = None
-    in_act: int = 0  # 0 none, 1 tanh, 2 sigmoid
+    in_act: int = 0  # 0 none, 1 tanh, 2 sigmoid, 3/4/5 LayerNorm (+ mix)
     out_act: int = 0  # 0 none, 1 relu^2, 2 sigmoid
     scale: float = 1.0
+    shift: torch.Tensor | None = None  # [B, I]
+    ln: tuple | None = None  # (weight, bias) [I]
+    mix: torch.Tensor | None = None  # [I]
+    xx_out: torch.Tensor | None = None  # [B, I]: receives LN(x)
+    copy: tuple | None = None  # (src, dst): a side copy the launch also does
 
     @property
     def out_f32(self) -> bool:
         return self.y.dtype == torch.float32 and self.W.dtype != torch.float32
 
 
-def _act_in(x, act):
-    return x if act == 0 else (torch.tanh(x) if act == 1 else torch.sigmoid(x))
+def _stage(s: Seg) -> torch.Tensor:
+    """The product's input as the kernel stages it (rounded to x's dtype); writes xx_out."""
+    x = s.x
+    if s.in_act in (1, 2):
+        return (torch.tanh if s.in_act == 1 else torch.sigmoid)(x.float()).to(x.dtype)
+    if s.in_act >= 3:
+        xx = F.layer_norm(x.float(), (x.shape[-1],), s.ln[0].float(), s.ln[1].float()).to(x.dtype)
+        if s.xx_out is not None:
+            s.xx_out.copy_(xx)
+        if s.in_act == 5:
+            return xx
+        base, other = (xx.float(), s.shift.float()) if s.in_act == 3 else (s.shift.float(), xx.float())
+        return (base + (other - base) * s.mix.float()).to(x.dtype)
+    return x
 
 
 def _epilogue(acc, s: Seg):
@@ -63,21 +82,33 @@ def _epilogue(acc, s: Seg):
 
 
 def gemv_reference(segs: list[Seg]) -> None:
-    """kernels/gemv.cu in fp32: the input activation is rounded to x's dtype as the kernel stages it."""
-    for s in segs:
-        x = _act_in(s.x.float(), s.in_act).to(s.x.dtype).float()
-        s.y.copy_(_epilogue(x @ s.W.float().t(), s))
+    """kernels/gemv.cu in fp32 (inputs staged and rounded as the kernel does)."""
+    outs = [_epilogue(_stage(s).float() @ s.W.float().t(), s) for s in segs]
+    for s, out in zip(segs, outs):
+        s.y.copy_(out)
+        if s.copy is not None:
+            s.copy[1].copy_(s.copy[0])
 
 
 def gemv_torch(segs: list[Seg]) -> None:
-    """The same products through cuBLAS in the weights' dtype: the path for B > 4 and fp32."""
-    for s in segs:
-        x = _act_in(s.x, s.in_act)
-        if s.out_f32:
-            acc = linear_fp32_out(x, s.W)
+    """The same products through cuBLAS in the weights' dtype: the path for B > 4 and fp32.
+    Plain products and in-place residual adds write straight into y."""
+    staged = [_stage(s) for s in segs]  # every input before any output: outputs may feed nothing here
+    for s, x in zip(segs, staged):
+        plain = s.gate is None and s.scale == 1.0 and not s.out_f32
+        if plain and s.res is None:
+            torch.mm(x, s.W.t(), out=s.y)
+            if s.out_act == 1:
+                s.y.relu_().square_()
+            elif s.out_act == 2:
+                s.y.sigmoid_()
+        elif plain and s.out_act == 0 and s.res is not None and s.res.data_ptr() == s.y.data_ptr():
+            s.y.addmm_(x, s.W.t())
         else:
-            acc = F.linear(x, s.W)
-        s.y.copy_(_epilogue(acc, s))
+            acc = linear_fp32_out(x, s.W) if s.out_f32 else F.linear(x, s.W)
+            s.y.copy_(_epilogue(acc, s))
+        if s.copy is not None:
+            s.copy[1].copy_(s.copy[0])
 
 
 def wkv7_prep(r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):

@@ -1,0 +1,215 @@
+"""Each CUDA kernel against its PyTorch twin (rwkv_cli/cuda/twins.py, rwkv_cli/wkv.py), on a GPU.
+
+Inputs are fresh random values in realistic ranges; errors are relative to the twin's output
+norm, ||out - twin|| / ||twin||, computed in fp32:
+  fp32 results (recurrences, prepared vectors, states):   <= 1e-4  (fast-math exp, summation order,
+                                                            the twins' chunked products)
+  kernels writing fp16 / bf16 outputs:                     <= 2e-3 / 1.6e-2  (one rounding of the output)
+Skipped without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module")
+def K():
+    from rwkv_cli.cuda import loader
+
+    k = loader.kernels_for(torch.device("cuda"))
+    assert k is not None, f"kernels did not load: {loader.status()}"
+    return k
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all(), "non-finite output"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, gen=None):
+    return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v4_order", [False, True])
+def test_ln_mix(K, dtype, v4_order):
+    from rwkv_cli.cuda import kops, twins
+
+    B, T, C = 3, 5, 320
+    x, shift = randn(B, T, C, dtype=dtype, scale=3), randn(B, C, dtype=dtype)
+    w, b = randn(C, dtype=dtype) + 1, randn(C, dtype=dtype, scale=0.1)
+    mix = torch.rand(6, C, device="cuda").to(dtype)
+    mixes, last, xx = kops.ln_mix(K, x, shift, w, b, mix, v4_order, want_xx=True)
+    ref, ref_xx, ref_last = twins.ln_mix(x, shift, w, b, mix, v4_order)
+    assert rel_err(mixes, ref) <= HALF_TOL[dtype]
+    assert rel_err(xx, ref_xx) <= HALF_TOL[dtype]
+    assert rel_err(last, ref_last) <= HALF_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+def test_gemv_segments(K, dtype, B):
+    """Several products in one launch, with every input activation and epilogue; odd row counts."""
+    from rwkv_cli.cuda import kops
+    from rwkv_cli.cuda.twins import Seg, gemv_reference
+
+    def seg(O, I, **kw):
+        x = randn(B, I, dtype=dtype)
+        W = randn(O, I, dtype=dtype, scale=1 / math.sqrt(I))
+        y = torch.full((B, O), float("nan"), device="cuda", dtype=torch.float32 if kw.pop("f32", False) else dtype)
+        for name in ("res", "gate"):
+            if kw.pop(name, False):
+                kw[name] = randn(B, O, dtype=dtype)
+        return Seg(x, W, y, **kw)
+
+    def ln_seg(O, I, act, **kw):  # LayerNorm of a residual-like x (+ token shift) staged in the kernel
+        s = seg(O, I, in_act=act, **kw)
+        s.x = randn(B, I, dtype=dtype, scale=20) + 3
+        s.ln = (randn(I, dtype=dtype) + 1, randn(I, dtype=dtype, scale=0.1))
+        if act < 5:
+            s.shift, s.mix = randn(B, I, dtype=dtype), torch.rand(I, device="cuda").to(dtype)
+        s.xx_out = torch.full((B, I), float("nan"), device="cuda", dtype=dtype)
+        return s
+
+    segs = [seg(300, 2048), seg(64, 768, in_act=1), seg(768, 64, in_act=2, out_act=1), seg(1000, 256, out_act=2),
+            seg(520, 512, res=True, gate=True, scale=0.5), seg(200, 4096, f32=True), seg(37, 8192, res=True)]
+    src = randn(B, 640, dtype=dtype)
+    segs[0].copy = (src, torch.empty_like(src))
+    ln_segs = [ln_seg(100, 1024, 3), ln_seg(90, 1024, 4, out_act=2), ln_seg(600, 768, 5, f32=True)]
+    for group in (segs, ln_segs):
+        kops.gemv(K, group)
+        ref = [Seg(s.x, s.W, torch.empty_like(s.y), s.res, s.gate, s.in_act, s.out_act, s.scale, s.shift, s.ln, s.mix,
+                   None if s.xx_out is None else torch.empty_like(s.xx_out)) for s in group]
+        gemv_reference(ref)
+        for s, r in zip(group, ref):
+            tol = 2e-5 if s.y.dtype == torch.float32 and s.in_act < 3 else HALF_TOL[dtype]
+            assert rel_err(s.y, r.y) <= tol, f"segment O={s.W.shape[0]} I={s.W.shape[1]} in_act={s.in_act}"
+            if s.xx_out is not None:
+                assert rel_err(s.xx_out, r.xx_out) <= HALF_TOL[dtype]
+    assert torch.equal(segs[0].copy[1], src)
+
+
+def _v7_inputs(R, H, dtype, gen=None, first=False):
+    C = H * 64
+    t = {n: randn(R, C, dtype=dtype, gen=gen) for n in ("r", "k", "v", "wz", "az", "vz", "vf")}
+    if first:
+        t["vz"] = t["vf"] = None
+    p = dict(w0=randn(C, scale=1.0, gen=gen) - 3.0, a0=randn(C, dtype=dtype, gen=gen),
+             v0=randn(C, dtype=dtype, gen=gen) + 1, k_k=randn(C, dtype=dtype, scale=0.05, gen=gen) + 0.85,
+             k_a=randn(C, dtype=dtype, scale=0.05, gen=gen) + 1)
+    return t, p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first", [False, True])
+def test_wkv7_prep_and_post(K, dtype, first):
+    from rwkv_cli.cuda import kops, twins
+
+    R, H = 37, 3
+    t, p = _v7_inputs(R, H, dtype, first=first)
+    args = (t["r"], t["k"], t["v"], t["wz"], t["az"], t["vz"], t["vf"], p["w0"], p["a0"], p["v0"], p["k_k"], p["k_a"], H)
+    for out, ref in zip(kops.wkv7_prep(K, *args), twins.wkv7_prep(*args)):
+        assert rel_err(out, ref) <= 1e-4
+    C = H * 64
+    y, r, kw, vw = (randn(R, C) for _ in range(4))
+    g, r_k = randn(R, C, dtype=dtype), randn(H, 64, dtype=dtype, scale=0.1)
+    ln_w, ln_b = randn(C) + 1, randn(C, scale=0.1)
+    out = kops.wkv7_post(K, y, r, kw, vw, g, r_k, ln_w, ln_b, H)
+    assert rel_err(out, twins.wkv7_post(y, r, kw, vw, g, r_k, ln_w, ln_b, H)) <= HALF_TOL[dtype]
+
+
+def _v7_sequence_inputs(B, T, H, gen):
+    N = 64
+    r, k, v = (randn(B, T, H, N, gen=gen) for _ in range(3))
+    log_decay = -0.6065 * torch.rand(B, T, H, N, generator=gen, device="cuda")  # decays in (0.545, 1)
+    kk = torch.nn.functional.normalize(randn(B, T, H, N, gen=gen), dim=-1)
+    a = torch.rand(B, T, H, N, generator=gen, device="cuda")
+    S = randn(B, H, N, N, gen=gen, scale=0.3)
+    return S, r, log_decay, k, v, kk, a
+
+
+@pytest.mark.parametrize("T", [1, 17, 100])
+def test_wkv7_sequence_matches_twin(K, T):
+    """The prefill recurrence with a carried-in state (fla #351's failure case) and state out."""
+    from rwkv_cli.cuda import kops
+    from rwkv_cli.wkv import wkv7_sequence
+
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    inputs = _v7_sequence_inputs(2, T, 3, gen)
+    y, S = kops.wkv7_sequence(K, *inputs)
+    y_ref, S_ref = wkv7_sequence(*inputs)
+    assert rel_err(y, y_ref) <= 1e-4
+    assert rel_err(S, S_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first", [False, True])
+def test_wkv7_step_matches_twin(K, dtype, first):
+    from rwkv_cli.cuda import kops, twins
+
+    B, H = 3, 4
+    C = H * 64
+    t, p = _v7_inputs(B, H, dtype, first=first)
+    g, r_k = randn(B, C, dtype=dtype), randn(H, 64, dtype=dtype, scale=0.1)
+    ln_w, ln_b = randn(C) + 1, randn(C, scale=0.1)
+    S = randn(B, H, 64, 64, scale=0.3)
+    vf = torch.zeros(B, C, device="cuda", dtype=dtype) if first else t["vf"]
+    out, S_out = torch.full_like(g, float("nan")), torch.full_like(S, float("nan"))
+    kops.wkv7_step(K, t["r"], t["k"], t["v"], t["wz"], t["az"], t["vz"], g, vf, p["w0"], p["a0"], p["v0"],
+                   p["k_k"], p["k_a"], r_k, ln_w, ln_b, S, S_out, out)
+    ref_out, ref_S, ref_vf = twins.wkv7_step(t["r"], t["k"], t["v"], t["wz"], t["az"], t["vz"], g, t["vf"], p["w0"],
+                                             p["a0"], p["v0"], p["k_k"], p["k_a"], r_k, ln_w, ln_b, S)
+    assert rel_err(out, ref_out) <= max(HALF_TOL[dtype], 1e-4)
+    assert rel_err(S_out, ref_S) <= 2e-5
+    if first:
+        assert torch.equal(vf, ref_vf)
+    # in place (S_out aliasing S_in), as the decoding step runs it
+    kops.wkv7_step(K, t["r"], t["k"], t["v"], t["wz"], t["az"], t["vz"], g, vf, p["w0"], p["a0"], p["v0"],
+                   p["k_k"], p["k_a"], r_k, ln_w, ln_b, S, S, out)
+    assert torch.equal(S, S_out)
+
+
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_wkv4_sequence_matches_twin(K, T):
+    """Strong and weak decays (w from -e^3 to -e^-5), large keys: the running max must hold."""
+    from rwkv_cli.cuda import kops
+    from rwkv_cli.wkv import wkv4_sequence
+
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    B, A = 2, 300
+    w = -torch.exp(torch.linspace(-5, 3, A, device="cuda"))
+    u = randn(A, gen=gen)
+    k, v = randn(B, T, A, gen=gen, scale=8), randn(B, T, A, gen=gen)
+    num, den, mx = randn(B, A, gen=gen), torch.rand(B, A, generator=gen, device="cuda") + 0.1, randn(B, A, gen=gen)
+    mx[0] = -1e30  # an empty state
+    outs = kops.wkv4_seq(K, w, u, k, v, num, den, mx)
+    for out, ref, name in zip(outs, wkv4_sequence(w, u, k, v, num, den, mx), ("y", "num", "den", "max")):
+        assert rel_err(out, ref) <= 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wkv4_step_matches_twin(K, dtype):
+    from rwkv_cli.cuda import kops, twins
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, A = 3, 500
+    w, u = -torch.exp(randn(A, gen=gen)), randn(A, gen=gen)
+    k, v, r = randn(B, A, gen=gen, scale=5), randn(B, A, gen=gen), torch.rand(B, A, device="cuda").to(dtype)
+    num, den, mx = randn(B, A, gen=gen), torch.rand(B, A, device="cuda") + 0.1, randn(B, A, gen=gen)
+    out = torch.empty(B, A, device="cuda", dtype=dtype)
+    new = [torch.empty_like(num) for _ in range(3)]
+    kops.wkv4_step(K, w, u, k, v, r, num, den, mx, out, *new)
+    ref = twins.wkv4_step(w, u, k, v, r, num, den, mx)
+    assert rel_err(out, ref[0]) <= HALF_TOL[dtype]
+    for a, b in zip(new, ref[1:]):
+        assert rel_err(a, b) <= 2e-5
