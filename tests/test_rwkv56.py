@@ -271,18 +271,22 @@ def test_deep_fp16_does_not_overflow(version, tmp_path):
 # -- states ---------------------------------------------------------------------------------------
 
 def test_tuned_state_matches_reference(reference56):
-    """The reference starts from a model file's embedded time_state; we load the same tensors as a
-    state-tuned file (`load_tuned_state`): same logits and states, so the orientation is right."""
+    """The reference starts from a model file's embedded time_state: so do we, and loading the same
+    tensors as a state-tuned file (`load_tuned_state`) gives the same logits and states."""
     from rwkv_cli.statefile import load_tuned_state
 
     path, ref = reference56["tuned"]
     model = load_model(path, "cpu", "fp32")
     prompt, _ = parity_tokens(1024)
-    logits, state = model.forward([prompt], load_tuned_state(path, model))
-    assert_close_to_reference(logits[0], ref["prompt.logits"], "prompt logits")
     ref_state = reference_state_as_dict(ref, "prompt", "6")
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_state[name], f"prompt state {name}")
+    # the model file's embedded time_state is its initial state (as the reference does), and
+    # the same tensors loaded as a state-tuned file give the same start
+    for initial in (None, load_tuned_state(path, model)):
+        logits, state = model.forward([prompt], initial)
+        assert_close_to_reference(logits[0], ref["prompt.logits"], "prompt logits")
+        for name, tensor in state.to_dict().items():
+            assert_close_to_reference(tensor, ref_state[name], f"prompt state {name}")
+    assert torch.equal(model.zero_state(2).layers[1].wkv[1], load_tuned_state(path, model).layers[1].wkv[0])
 
 
 def test_state_file_round_trip_and_tuned_state_transpose(make_ckpt, tmp_path):

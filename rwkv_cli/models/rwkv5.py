@@ -73,6 +73,23 @@ class MatrixStateRWKV(RWKVBase):
             return F.layer_norm(emb, (self.cfg.n_embd,), w, b)
         return super()._fold_ln0(tensors)
 
+    def _load_initial_state(self, tensors) -> None:
+        """A state-tuned `time_state` [H, N, N] in every layer of the model file is the initial
+        state, as in the reference's legacy class: stored [head, value, key], so transposed (§12)."""
+        names = [f"blocks.{i}.att.time_state" for i in range(self.cfg.n_layer)]
+        self.initial_wkv = None
+        if all(n in tensors for n in names):
+            self.initial_wkv = [
+                tensors[n].to(device=self.device, dtype=torch.float32).transpose(-1, -2).contiguous() for n in names
+            ]
+
+    def zero_state(self, batch_size: int = 1) -> State:
+        """The state a new sequence starts from: zeros, or the model file's embedded tuned state."""
+        state = super().zero_state(batch_size)
+        for layer, wkv in zip(state.layers, getattr(self, "initial_wkv", None) or (), strict=False):
+            layer.wkv = wkv.expand(batch_size, -1, -1, -1).clone()
+        return state
+
     def _rescale(self, i: int) -> tuple[float, bool]:
         """(divisor of layer i's output projections, whether to halve the residual after it)."""
         if self.dtype != torch.float16:
@@ -156,6 +173,7 @@ class MatrixStateRWKV(RWKVBase):
 
 class RWKV5(MatrixStateRWKV):
     def _load_blocks(self, w: WeightLoader) -> None:
+        self._load_initial_state(w.t)
         C, H, N = self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
         gated = self.cfg.version != "5.0"
         per_channel = self.cfg.version == "5.2"

@@ -55,6 +55,7 @@ class Layer6:
 
 class RWKV6(MatrixStateRWKV):
     def _load_blocks(self, w: WeightLoader) -> None:
+        self._load_initial_state(w.t)
         C, H, N = self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
         D = self.cfg.lora["mix"]
         lora_t = lambda name: w(name).t().contiguous()  # noqa: E731  checkpoint stores [in, out]
