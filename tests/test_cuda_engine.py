@@ -67,15 +67,27 @@ def test_graph_replay_equals_eager_and_snapshots_stay_valid(make_ckpt, version):
     model = load_model(path, "cuda", "fp16")
     toks = tokens(2, 20, 1024, seed=3)
     _, s0 = model.forward(toks[:, :12])
-    graph, eager = GraphStep(model.net, 2, use_graph=True), GraphStep(model.net, 2, use_graph=False)
-    assert graph.graph is not None and graph.backend == "cuda"
-    sg = se = s0
-    for t in range(12, 20):
-        lg, sg = graph(toks[:, t : t + 1].cuda(), sg)
-        le, se = eager(toks[:, t : t + 1].cuda(), se)
-        assert torch.equal(lg, le)
-    for a, b in zip(sg.tensors(), se.tensors()):
+    runs = {}
+    for use_graph in (True, False):
+        step = GraphStep(model.net, 2, use_graph=use_graph)
+        assert step.backend == "cuda" and (step.graph is not None) == use_graph
+        st, logits = s0, []
+        for t in range(12, 20):
+            lg, st = step(toks[:, t : t + 1].cuda(), st)
+            logits.append(lg)
+        runs[use_graph] = logits, st
+    for t, (lg, le) in enumerate(zip(runs[True][0], runs[False][0])):
+        assert torch.equal(lg, le), f"step {t}: graph and eager launches differ"
+    for a, b in zip(runs[True][1].tensors(), runs[False][1].tensors()):
         assert torch.equal(a, b)
+    # two captured graphs alive and called in turns (GraphCache with several batch sizes) must not
+    # touch each other's buffers (prepared launches point into them)
+    one, two = GraphStep(model.net, 2), GraphStep(model.net, 2)
+    s1 = s2 = s0
+    for t in range(12, 20):
+        l1, s1 = one(toks[:, t : t + 1].cuda(), s1)
+        l2, s2 = two(toks[:, t : t + 1].cuda(), s2)
+        assert torch.equal(l1, runs[True][0][t - 12]) and torch.equal(l2, l1), f"step {t - 12}"
     # the engine's contract: forward never changes the state it is given, and old states stay valid
     before = [t.clone() for t in s0.tensors()]
     l1, s1 = model.forward(toks[:, 12:13], s0)

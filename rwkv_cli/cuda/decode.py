@@ -29,15 +29,21 @@ class _Builder:
         # a separate ln_mix launch and cuBLAS products
         self.fused = B <= kops.GEMV_MAX_B and self.dt in (torch.float16, torch.bfloat16) and K.max_smem > 0
         self.ops = []
+        # Launches hold raw pointers (prepared gemv parameters, captured graphs): every buffer they
+        # touch must outlive them, or the allocator hands its memory to someone else.
+        self.keep = []
 
     def buf(self, *shape, dtype=None):
-        return torch.zeros(*shape, dtype=dtype or self.dt, device=self.dev)
+        t = torch.zeros(*shape, dtype=dtype or self.dt, device=self.dev)
+        self.keep.append(t)
+        return t
 
     def products(self, segs: list[Seg]) -> None:
         if self.fused:
             payload, grid, smem = kops.gemv_payload(segs)
             if smem <= self.K.max_smem:
                 kern = kops.gemv_kernel(self.K, segs)
+                self.keep.append(segs)
                 self.ops.append(lambda: kern.launch(grid, 256, payload, smem))
                 return
         self.ops.append(lambda: gemv_torch(segs))
@@ -85,6 +91,7 @@ class _Builder:
             for op in ops:
                 op()
 
+        step.keep_alive = self.keep  # buffers and products the launches point into
         return step
 
 

@@ -20,7 +20,7 @@ HEAD_SIZE = 64  # the RWKV-7 kernels are written for N = 64 (every released mode
 GEMV_MAX_B = 4
 GEMV_MAX_SEG = 8
 GEMV_ROWS_PER_BLOCK = 16  # WARPS * RW
-WKV7_SEQ_SMEM = 2 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM
+WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
 _SEG_FMT = "12Q7ifii"  # struct Seg: 12 pointers, O I x_stride y_stride in_act out_act out_f32, scale, block_start, copy_n
 _PARAMS_FMT = GEMV_PARAMS_FMT
 
