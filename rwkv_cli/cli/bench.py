@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 

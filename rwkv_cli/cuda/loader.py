@@ -159,7 +159,8 @@ class Kernels:
         self.device_index = device_index
         major, minor = torch.cuda.get_device_capability(device_index)
         self.arch = major * 10 + minor
-        self.nvrtc_version = "%d.%d" % tuple(_check(self.nvrtc.nvrtcVersion(), "nvrtcVersion"))
+        major_v, minor_v = _check(self.nvrtc.nvrtcVersion(), "nvrtcVersion")
+        self.nvrtc_version = f"{major_v}.{minor_v}"
         with torch.cuda.device(device_index):
             torch.empty(1, device="cuda")  # makes torch's (primary) context current on this thread
             _check(self.driver.cuInit(0), "cuInit")
