@@ -61,19 +61,25 @@ def test_mismatched_state_file_is_refused(model, make_ckpt, tmp_path):
 
 
 def test_state_save_then_generate_from_it(model, tmp_path):
+    from typer.testing import CliRunner
+
+    from rwkv_cli.cli import app
+
+    def run(*args):  # in-process: the same commands, without a Python start each time
+        out = CliRunner().invoke(app, list(map(str, args)), input="")
+        assert out.exit_code == 0, out.output
+        return out.stdout
+
     doc = tmp_path / "doc.txt"
     doc.write_text("The secret word is apricot. " * 20)
     st = tmp_path / "doc.rwkvstate"
-    assert rwkv("state", "save", "-m", model, "-f", doc, "-o", st, "-q").returncode == 0
-    shown = rwkv("state", "show", st).stdout.decode()
+    run("state", "save", "-m", model, "-f", doc, "-o", st, "-q")
+    shown = run("state", "show", st)
     assert "prompt" in shown and "secret word" in shown
-    from_state = rwkv("generate", "-m", model, "--state", st, " Q:", "-n", "6", *GREEDY, "-q")
-    direct = rwkv("generate", "-m", model, "-f", doc, "-n", "6", *GREEDY, "-q", stdin="")
-    assert from_state.returncode == 0, from_state.stderr
-    assert direct.returncode == 0
+    assert run("generate", "-m", model, "--state", st, " Q:", "-n", "6", *GREEDY, "-q")
+    direct = run("generate", "-m", model, "-f", doc, "-n", "6", *GREEDY, "-q")
     # continuing a state with no prompt at all: the saved logits are the next token's
-    cont = rwkv("generate", "-m", model, "--state", st, "-n", "6", *GREEDY, "-q")
-    assert cont.returncode == 0 and cont.stdout == direct.stdout
+    assert run("generate", "-m", model, "--state", st, "-n", "6", *GREEDY, "-q") == direct
 
 
 pexpect = pytest.importorskip("pexpect")

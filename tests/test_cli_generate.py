@@ -36,9 +36,13 @@ def test_streams_text_to_stdout_and_stats_to_stderr(model):
 
 
 def test_json_and_prompt_sources(model, tmp_path):
-    def run_json(*args, stdin=b""):
-        out = rwkv("generate", "-m", model, "-n", "5", *GREEDY, "--json", "-q", *args, stdin=stdin)
-        assert out.returncode == 0, out.stderr
+    from typer.testing import CliRunner
+
+    from rwkv_cli.cli import app
+
+    def run_json(*args, stdin=b""):  # in-process: the same command, without a Python start each time
+        out = CliRunner().invoke(app, ["generate", "-m", str(model), "-n", "5", *GREEDY, "--json", "-q", *map(str, args)], input=stdin)
+        assert out.exit_code == 0, out.output
         return json.loads(out.stdout)
 
     base = run_json("Summarise:\n\nsome notes")
