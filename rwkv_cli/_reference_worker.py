@@ -1,8 +1,9 @@
 """Runs BlinkDL's `rwkv` package (the reference engine) in a child process, for parity tests.
 
 The reference reads its configuration from environment variables at import time (RWKV_V7_ON
-selects the RWKV-7 class, so one process cannot run both families); `rwkv_cli.testing` therefore
-starts this module with the right environment:
+selects the RWKV-7 class, so one process cannot run both families; RWKV_DE_VERSION=1 on top of it
+selects the RWKV-7a DeepEmbed variant); `rwkv_cli.testing` therefore starts this module with the
+right environment:
 
     python -m rwkv_cli._reference_worker JOBS.json
 

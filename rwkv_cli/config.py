@@ -15,7 +15,7 @@ from .errors import CheckpointError, UnsupportedModelError
 
 Shapes = dict[str, tuple[int, ...]]
 
-SUPPORTED_VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
+SUPPORTED_VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7", "7a")
 VERSION_NAMES = {
     "4": "RWKV-4",
     "5.0": "RWKV-5.0",
@@ -43,12 +43,24 @@ class ModelConfig:
     dim_att: int
     n_head: int = 0
     head_size: int = 0
-    # LoRA ranks by name: v7 (w, a, v, g); v6 (mix: D_mix of time_maa_w1/w2, decay: D_decay)
+    # LoRA ranks by name: v7 (w, a, v, g); v6 (mix: D_mix of time_maa_w1/w2, decay: D_decay);
+    # v7a also s: the DeepEmbed rank R of ffn.s1 [C, R] / ffn.s2 [R, F] (§5, §7.5)
     lora: dict[str, int] = field(default_factory=dict)
 
     @property
+    def variant(self) -> str:
+        """`version`, or "7a" for an RWKV-7 DeepEmbed model. A 7a model is an RWKV-7 (same state,
+        same time-mix: `version` stays "7") whose channel-mix also reads the token id (§7.5)."""
+        return "7a" if self.version == "7" and "s" in self.lora else self.version
+
+    @property
+    def deep_embed_width(self) -> int:
+        """Columns of `ffn.s_emb.weight` [V, R * R] (1024 in released 7a models), 0 without DeepEmbed."""
+        return self.lora.get("s", 0) ** 2
+
+    @property
     def name(self) -> str:
-        return VERSION_NAMES[self.version]
+        return VERSION_NAMES[self.variant]
 
     @property
     def tokenizer(self) -> str:
@@ -71,7 +83,8 @@ class ModelConfig:
 
 
 def detect_version(shapes: Shapes) -> str:
-    """The RWKV version from tell-tale tensors (§3), in the documented order. Raises for non-models.
+    """The RWKV version from tell-tale tensors (§3), in the documented order: "4" ... "7", or "7a"
+    for DeepEmbed (`ffn.s_emb.weight`). Raises for non-models and for refused variants.
 
     `shapes` must use BlinkDL names: other layouts are renamed first (`rwkv_cli.layouts`)."""
     names = set(shapes)
@@ -85,10 +98,11 @@ def detect_version(shapes: Shapes) -> str:
             "rescaled; use the original .pth file"
         )
     if "blocks.0.att.r_k" in names or "blocks.0.att.a0" in names:
-        if any(n.endswith("ffn.s_emb.weight") for n in names):
-            raise UnsupportedModelError(_refusal("7a", "ffn.s_emb.weight"))
+        # 7b first: it carries DeepEmbed's ffn.s_emb too (§5)
         if any(re.match(r"^blocks\.\d+\.qkv\.", n) for n in names):
             raise UnsupportedModelError(_refusal("7b", "blocks.N.qkv.*"))
+        if any(n.endswith("ffn.s_emb.weight") for n in names):
+            return "7a"
         return "7"
     if "blocks.0.att.time_maa_x" in names:
         return "6"
@@ -166,7 +180,19 @@ def infer_config(shapes: Shapes) -> ModelConfig:
         lora[name] = shapes[key][1] if key in shapes and len(shapes[key]) == 2 else 0
     if n_layer > 1 and lora["v"] == 0:
         raise CheckpointError(f"missing tensor blocks.{n_layer - 1}.att.v1")
+    if version == "7a":
+        lora["s"] = _deep_embed_rank(shapes)
     return ModelConfig("7", n_layer, n_embd, vocab, ffn_dim, dim_att, n_head, head_size, lora)
+
+
+def _deep_embed_rank(shapes: Shapes) -> int:
+    """R of RWKV-7a's DeepEmbed (§5, §7.5): ffn.s1 is [C, R] and each ffn.s_emb row [R * R] is
+    read as an R x R matrix (R = 32, rows of 1024, in released models)."""
+    rank = _need(shapes, "blocks.0.ffn.s1", 2)[1]
+    width = _need(shapes, "blocks.0.ffn.s_emb.weight", 2)[1]
+    if rank <= 0 or width != rank * rank:
+        raise CheckpointError(f"ffn.s_emb.weight rows have {width} values, expected ffn.s1's rank squared ({rank}^2)")
+    return rank
 
 
 def expected_shapes(cfg: ModelConfig, names=()) -> tuple[Shapes, set[str]]:
@@ -214,6 +240,10 @@ def expected_shapes(cfg: ModelConfig, names=()) -> tuple[Shapes, set[str]]:
             want[att + "output.weight"] = (C, A)
             want[att + "ln_x.weight"] = want[att + "ln_x.bias"] = (A,)
             want[ffn + "x_k"] = vec
+            if "s" in cfg.lora:  # RWKV-7a DeepEmbed (§5)
+                R = cfg.lora["s"]
+                want[ffn + "s_emb.weight"], want[ffn + "s_emb_x.weight"] = (V, R * R), (R * R, C)
+                want[ffn + "s1"], want[ffn + "s2"], want[ffn + "s0"] = (C, R), (R, F), (1, 1, F)
         want[ffn + "key.weight"] = (F, C)
         want[ffn + "value.weight"] = (C, F)
         optional.add(att + "time_state")  # a state-tuned initial state embedded in the model (§12)

@@ -21,6 +21,7 @@ def lora_rank(n_embd: int, factor: float, power: float) -> int:
 V7_LORA_RULES = {"w": (1.8, 0.5), "a": (1.8, 0.5), "v": (1.3, 0.5), "g": (0.6, 0.8)}
 V6_LORA = {"mix": 32, "decay": 64}  # RWKV-LM's D_MIX_LORA and D_DECAY_LORA at released sizes
 V5_V6 = ("5.0", "5.1", "5.2", "6")
+DEEP_EMBED_RANK = 32  # RWKV-7a: s1 [C, 32], s_emb rows of 32 x 32 = 1024 (released models)
 
 
 def ffn_width(version: str, n_embd: int) -> int:
@@ -38,7 +39,11 @@ def random_state_dict(
     dtype: torch.dtype = torch.bfloat16,
     layer0_value_lora: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a random RWKV-4, 5.0, 5.1, 5.2, 6 or 7 model under BlinkDL names (`rwkv-models.md` §5)."""
+    """Tensors of a random RWKV-4, 5.0, 5.1, 5.2, 6, 7 or 7a model under BlinkDL names (`rwkv-models.md` §5)."""
+    if version == "7a":  # RWKV-7 plus DeepEmbed tensors in every channel-mix (§5, §7.5)
+        sd = random_state_dict("7", n_layer, n_embd, vocab_size, head_size, seed, torch.float32, layer0_value_lora)
+        sd.update(_deep_embed_tensors(n_layer, n_embd, sd["emb.weight"].shape[0], seed))
+        return {k: v.to(dtype).contiguous() for k, v in sd.items()}
     gen = torch.Generator().manual_seed(seed)
     C = n_embd
     V = vocab_size or (50277 if version == "4" else 65536)  # RWKV-5/6/7 models use the World vocabulary
@@ -93,7 +98,7 @@ def random_state_dict(
         elif version in V5_V6:
             sd.update(_v5_v6_layer(version, i, n_layer, C, head_size, normal, uniform, mat))
         else:
-            raise ValueError(f"random checkpoints exist for RWKV-4, 5.0, 5.1, 5.2, 6 and 7, not {version!r}")
+            raise ValueError(f"random checkpoints exist for RWKV-4, 5.0, 5.1, 5.2, 6, 7 and 7a, not {version!r}")
         F = ffn_width(version, C)
         sd[ffn + "key.weight"] = mat(F, C)
         sd[ffn + "value.weight"] = mat(C, F, gain=0.5)
@@ -149,6 +154,25 @@ def _v5_v6_layer(version, i, n_layer, C, N, normal, uniform, mat) -> dict:
     return sd
 
 
+def _deep_embed_tensors(n_layer: int, C: int, V: int, seed: int, R: int = DEEP_EMBED_RANK) -> dict:
+    """RWKV-7a's per-layer DeepEmbed tensors (§5), scaled so that each step of the factor
+    (x~ s1) M_tok s2 + s0 (§7.5) has entries of about unit size until s2: the factor then stays
+    near s0 ~ 1 and moves the FFN's hidden units by about +-30% per token, a gentle modulation.
+    M_tok gets half of its variance from s_emb and half from LN0(emb) s_emb_x^T."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    normal = lambda *shape, std=1.0, mean=0.0: torch.randn(*shape, generator=gen) * std + mean  # noqa: E731
+    F = ffn_width("7", C)
+    sd = {}
+    for i in range(n_layer):
+        ffn = f"blocks.{i}.ffn."
+        sd[ffn + "s_emb.weight"] = normal(V, R * R, std=(0.5 / R) ** 0.5)  # [V, R*R]
+        sd[ffn + "s_emb_x.weight"] = normal(R * R, C, std=(0.5 / (R * C)) ** 0.5)  # [R*R, C]
+        sd[ffn + "s1"] = normal(C, R, std=C**-0.5)  # x~ s1 ~ N(0, 1) per entry
+        sd[ffn + "s2"] = normal(R, F, std=0.3 * R**-0.5)
+        sd[ffn + "s0"] = normal(1, 1, F, std=0.1, mean=1.0)
+    return sd
+
+
 def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
     """Save as BlinkDL .pth (torch.save zip) or safetensors, by the file's suffix."""
     path = Path(path)
@@ -171,6 +195,7 @@ def random_checkpoint(path: str | Path, version: str, n_layer: int, n_embd: int,
 REFERENCE_STATE_FIELDS = {
     "4": ("att_shift", "wkv_num", "wkv_den", "wkv_max", "ffn_shift"),
     "7": ("att_shift", "wkv", "ffn_shift"),
+    "7a": ("att_shift", "wkv", "ffn_shift"),
     **{v: ("att_shift", "wkv", "ffn_shift") for v in ("5.0", "5.1", "5.2", "6")},
 }
 
@@ -191,7 +216,8 @@ def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: 
     Each job is {"checkpoint", "prompt", "steps"[, "strategy"]}; returns the loaded outputs
     (see `rwkv_cli._reference_worker`). Needs the `rwkv` test dependency. `env` adds variables
     for the child, e.g. {"RWKV_CUDA_ON": "1"} with a "cuda fp16" strategy (the reference then
-    builds its CUDA extension with nvcc and ninja).
+    builds its CUDA extension with nvcc and ninja). `version` "7" runs the RWKV-7 class
+    (RWKV_V7_ON=1), "7a" its DeepEmbed variant (also RWKV_DE_VERSION=1), anything else the legacy class.
     """
     import json
     import os
@@ -210,8 +236,11 @@ def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: 
     extra_env = env
     env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
     env.pop("RWKV_V7_ON", None)
-    if version == "7":
+    env.pop("RWKV_DE_VERSION", None)
+    if version in ("7", "7a"):
         env["RWKV_V7_ON"] = "1"
+    if version == "7a":
+        env["RWKV_DE_VERSION"] = "1"
     env.update(extra_env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "rwkv_cli._reference_worker", str(spec)],

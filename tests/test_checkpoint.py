@@ -66,7 +66,6 @@ def _renamed(sd, fn):
 
 
 REFUSALS = {
-    "RWKV-7a (DeepEmbed)": lambda sd: {**sd, "blocks.0.ffn.s_emb.weight": torch.zeros(256, 1024)},
     "RWKV-7b": lambda sd: {**sd, "blocks.1.qkv.qq": torch.zeros(4)},
     "pre-converted ChatRWKV": lambda sd: {**sd, "_strategy": torch.zeros(1)},
     "llama.cpp GGUF": lambda sd: _renamed(sd, lambda k: k.replace("blocks.", "blk.").replace("emb.", "token_embd.")),

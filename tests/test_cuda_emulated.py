@@ -186,3 +186,33 @@ def test_emulated_gpu_engine_matches_torch_path(make_ckpt, emulated, version, dt
     l3, s3 = step(nxt, new)
     l4, _ = step(nxt, new.clone())
     assert torch.equal(l3, l4)
+
+
+def test_deep_embed_stays_on_the_torch_path(make_ckpt, emulated, monkeypatch, capsys):
+    """RWKV-7a (DeepEmbed): the kernels do not know its channel-mix factor (§7.5), so on a GPU its
+    layers and its decoding step run the PyTorch code, with a one-line notice; the step's graph
+    then captures that code (GraphStep backend "torch") and equals forward_torch."""
+    from rwkv_cli.cuda.graph import GraphStep
+
+    monkeypatch.setattr(loader, "_notices", set())
+    net = load_model(make_ckpt("7a", 2, 128, 512), device="cpu", dtype="fp32").net
+    plain = load_model(make_ckpt("7", 3, 128, 512), device="cpu", dtype="fp32").net
+    for n in (net, plain):
+        n.device = torch.device("cuda")  # only _kernels() reads it before being restored
+    try:
+        assert plain._kernels() is emulated  # a plain RWKV-7 would take the kernels
+        assert net._kernels() is None
+    finally:
+        net.device = plain.device = torch.device("cpu")
+    assert "RWKV-7a (DeepEmbed); using the PyTorch path" in capsys.readouterr().err
+
+    step = GraphStep(net, 2, use_graph=False)
+    assert step.backend == "torch"
+    tokens = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    _, state = net.forward_torch(tokens, net.zero_state(2))
+    nxt = torch.tensor([[3], [7]])
+    ref_logits, ref_state = net.forward_torch(nxt, state)
+    logits, new = step(nxt, state)
+    assert torch.allclose(logits, ref_logits.float(), rtol=0, atol=1e-5 * float(ref_logits.abs().max()))
+    for a, b in zip(new.tensors(), ref_state.tensors()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(b.abs().max())))

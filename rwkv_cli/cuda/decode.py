@@ -154,7 +154,7 @@ def build_step4(net, K, state, tokens, logits):
 def build_step(net, K, state, tokens, logits):
     """The kernel decoding step for this model, or None where the kernels do not apply."""
     if net.cfg.version == "7":
-        if net.cfg.head_size != kops.HEAD_SIZE:
+        if net.cfg.head_size != kops.HEAD_SIZE or net.cfg.variant == "7a":  # no DeepEmbed kernels
             return None
         return build_step7(net, K, state, tokens, logits)
     return build_step4(net, K, state, tokens, logits)

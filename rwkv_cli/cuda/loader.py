@@ -280,6 +280,7 @@ _lock = threading.Lock()
 _kernels: dict[int, Kernels | None] = {}
 _reason: str | None = None
 _noticed = False
+_notices: set[str] = set()
 
 
 def disabled_reason() -> str | None:
@@ -318,6 +319,15 @@ def kernels_for(device) -> Kernels | None:
             print(f"rwkv-cli: fused CUDA kernels unavailable ({_reason}); using the PyTorch path", file=sys.stderr)
         _kernels[index] = result
         return result
+
+
+def notice_once(message: str) -> None:
+    """Print a one-line notice on stderr, once per process for each message."""
+    with _lock:
+        if message in _notices:
+            return
+        _notices.add(message)
+    print(f"rwkv-cli: {message}", file=sys.stderr)
 
 
 def status() -> str | None:

@@ -74,6 +74,11 @@ class RWKVBase:
         """
         raise NotImplementedError
 
+    def _token_kwargs(self, tokens) -> dict:
+        """Extra keyword arguments of `blocks` / `step_numpy` for layers that read the token ids
+        themselves (RWKV-7a's DeepEmbed, §7.5): {"tokens": tokens} there, else nothing."""
+        return {}
+
     def zero_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.cfg, batch_size, self.dtype, self.device)
 
@@ -96,6 +101,11 @@ class RWKVBase:
         """The compiled CUDA kernels for this model's device, or None (CPU, disabled, unavailable:
         the reason is printed once on stderr) and the caller runs its PyTorch code."""
         if self.device.type != "cuda" or (self.cfg.version == "7" and self.cfg.head_size != 64):
+            return None
+        if self.cfg.variant == "7a":  # the kernels do not know DeepEmbed (§7.5)
+            from ..cuda.loader import notice_once
+
+            notice_once("the fused CUDA kernels do not cover RWKV-7a (DeepEmbed); using the PyTorch path")
             return None
         from ..cuda.loader import kernels_for
 
@@ -127,7 +137,7 @@ class RWKVBase:
     def forward_torch(self, tokens: torch.Tensor, state: State, full_output: bool = False):
         """`forward` without the CUDA graph (prompts, and the step that a graph captures)."""
         x = self.emb[tokens]  # [B, T, C]
-        x, state = self.blocks(x, state, last_only=not full_output)
+        x, state = self.blocks(x, state, last_only=not full_output, **self._token_kwargs(tokens))
         if not full_output:
             x = x[:, -1]
         x = F.layer_norm(x, (self.cfg.n_embd,), *self.ln_out)
@@ -154,7 +164,8 @@ class RWKVBase:
         w = self._numpy_weights()
         st = [SimpleNamespace(**{f.name: getattr(layer, f.name).numpy() for f in dataclasses.fields(layer)}) for layer in state.layers]
         with np.errstate(over="ignore"):  # exp overflow inside sigmoid is harmless (-> 0 or 1)
-            x, new = self.step_numpy(w, w.emb[tokens.numpy()], st)
+            ids = tokens.numpy()
+            x, new = self.step_numpy(w, w.emb[ids], st, **self._token_kwargs(ids))
             x = np_layer_norm(x, *w.ln_out)
         layer_cls = type(state.layers[0])
         layers = [layer_cls(**{k: torch.from_numpy(v) for k, v in vars(n).items()}) for n in new]

@@ -2,7 +2,13 @@
 
 Equations follow `rwkv-models.md` §7.4 (numbers in comments are its steps), which match BlinkDL's
 `rwkv` 0.8.32 `RWKV_x070` and RWKV-LM's `rwkv_v7_numpy.py`. Shapes: B batch, T time, C width,
-H heads of N channels (C = H * N).
+H heads of N channels (C = H * N), F FFN width, R DeepEmbed rank.
+
+RWKV-7a (DeepEmbed, §7.5) is the same model plus a token-dependent factor on each channel-mix's
+hidden vector, so its layers also take the token ids (`blocks(..., tokens=)`). The per-token matrix
+M_tok = s_emb[tok] + LN0(emb[tok]) s_emb_x^T is formed for the tokens at hand rather than for the
+whole vocabulary at load, as the reference does: one [R*R, C] product per layer and token instead
+of V of them at load (12 x 65536 rows for the 0.1B model), and no second [V, R*R] table.
 """
 
 from __future__ import annotations
@@ -50,6 +56,12 @@ class Layer7:
     ffn_mix: torch.Tensor  # [C]
     ffn_key: torch.Tensor  # [F, C]
     ffn_value: torch.Tensor  # [C, F]
+    # RWKV-7a DeepEmbed (§7.5), None otherwise
+    s_emb: torch.Tensor | None = None  # [V, R*R]  per-token matrices, flattened
+    s_emb_x: torch.Tensor | None = None  # [R*R, C]  their part from LN0(emb[tok]), [out, in]
+    s1: torch.Tensor | None = None  # [R, C]  down-projection of the LN2 output, [out, in]
+    s2: torch.Tensor | None = None  # [F, R]  up to the FFN width, [out, in]
+    s0: torch.Tensor | None = None  # [F]
 
 
 class RWKV7(RWKVBase):
@@ -87,17 +99,42 @@ class RWKV7(RWKVBase):
                     ffn_mix=w(ffn + "x_k", shape=(C,)),
                     ffn_key=w(ffn + "key.weight"),
                     ffn_value=w(ffn + "value.weight"),
+                    **(self._deep_embed_weights(w, ffn) if self.deep_embed else {}),
                 )
             )
 
-    def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
+    @property
+    def deep_embed(self) -> bool:
+        return self.cfg.variant == "7a"
+
+    def _deep_embed_weights(self, w: WeightLoader, ffn: str) -> dict:
+        return dict(
+            s_emb=w(ffn + "s_emb.weight"),
+            s_emb_x=w(ffn + "s_emb_x.weight"),
+            s1=w(ffn + "s1").t().contiguous(),  # checkpoint stores [C, R]
+            s2=w(ffn + "s2").t().contiguous(),  # checkpoint stores [R, F]
+            s0=w(ffn + "s0", shape=(self.cfg.ffn_dim,)),
+        )
+
+    def _token_kwargs(self, tokens) -> dict:
+        return {"tokens": tokens} if self.deep_embed else {}
+
+    def blocks(self, x: torch.Tensor, state: State, last_only: bool = False, tokens=None) -> tuple[torch.Tensor, State]:
+        """See `RWKVBase.blocks`; x [B, T, C] must be LN0(emb[tokens]). RWKV-7a needs `tokens` [B, T]."""
         new_layers = []
         v_first = None
+        embed = None
+        if self.deep_embed:
+            if tokens is None:
+                raise ValueError("RWKV-7a (DeepEmbed) layers need the token ids: blocks(x, state, tokens=...)")
+            embed = (tokens, x)  # the channel-mix factor reads the token and its embedding
         for i, (lw, st) in enumerate(zip(self.layers, state.layers)):
             keep = 2 if last_only and i == len(self.layers) - 1 else x.shape[1]
             dx, att_shift, wkv, v_first = self.time_mix(lw, x, st, v_first, keep)
             x = x[:, -keep:] + dx
-            dx, ffn_shift = self.channel_mix(lw, x, st)
+            if embed is not None and keep < embed[0].shape[1]:
+                embed = (embed[0][:, -keep:], embed[1][:, -keep:])
+            dx, ffn_shift = self.channel_mix(lw, x, st, embed)
             x = x + dx
             new_layers.append(RWKV7LayerState(att_shift, wkv, ffn_shift))
         return x, State("7", new_layers)
@@ -141,8 +178,10 @@ class RWKV7(RWKVBase):
         g = linear(torch.sigmoid(linear(xg, lw.g1)), lw.g2)
         return linear(y * g, lw.W_o), xx[:, -1], wkv, v_first
 
-    def channel_mix(self, lw: Layer7, x, st: RWKV7LayerState):
-        K = self._kernels()
+    def channel_mix(self, lw: Layer7, x, st: RWKV7LayerState, embed=None):
+        """out = W_value relu(W_key x_k)^2 (§7.4), the hidden vector times `deep_embed_factor` in
+        RWKV-7a, where `embed` = (token ids [B, T], LN0(emb[ids]) [B, T, C]) of x's positions."""
+        K = None if lw.s_emb is not None else self._kernels()  # the kernels have no DeepEmbed
         if K is not None:
             from ..cuda.prefill import channel_mix7
 
@@ -150,13 +189,25 @@ class RWKV7(RWKVBase):
         xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
         xk = torch.addcmul(xx, token_shift(xx, st.ffn_shift) - xx, lw.ffn_mix)
         hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
+        if lw.s_emb is not None:
+            hidden = hidden * self.deep_embed_factor(lw, xx, *embed)
         return linear(hidden, lw.ffn_value), xx[:, -1]
 
-    def step_numpy(self, w, x, st):
-        """The RNN step of `time_mix` + `channel_mix` in NumPy (same equations, numbered there)."""
+    @staticmethod
+    def deep_embed_factor(lw: Layer7, xx, tokens, emb):
+        """RWKV-7a's (x~ s1) M_tok s2 + s0 (§7.5): xx = LN2 output [B, T, C] (unshifted), tokens
+        [B, T], emb = LN0(emb[tokens]) [B, T, C] -> [B, T, F]."""
+        R = lw.s1.shape[0]
+        M = (lw.s_emb[tokens] + linear(emb, lw.s_emb_x)).unflatten(-1, (R, R))  # M_tok [B, T, R, R]
+        z = (linear(xx, lw.s1).unsqueeze(-2) @ M).squeeze(-2)  # [B, T, R]
+        return linear(z, lw.s2) + lw.s0
+
+    def step_numpy(self, w, x, st, tokens=None):
+        """The RNN step of `time_mix` + `channel_mix` in NumPy (same equations, numbered there);
+        x = LN0(emb[tokens]) [B, C]; RWKV-7a also needs the `tokens` [B]."""
         B, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
-        new, v_first = [], None
+        new, v_first, emb = [], None, x
         for lw, s in zip(w.layers, st):
             xx = np_layer_norm(x, *lw.ln1)
             xr, xk, xv, xw, xa, xg = xx + (s.att_shift - xx) * lw.mix[:, 0]  # 1. [6, B, C]
@@ -184,6 +235,11 @@ class RWKV7(RWKVBase):
             x = x + (y * g) @ lw.W_o.T  # 12.
             xx2 = np_layer_norm(x, *lw.ln2)
             hidden = np.maximum((xx2 + (s.ffn_shift - xx2) * lw.ffn_mix) @ lw.ffn_key.T, 0)
-            x = x + (hidden * hidden) @ lw.ffn_value.T
+            hidden = hidden * hidden
+            if lw.s_emb is not None:  # RWKV-7a: (x~ s1) M_tok s2 + s0, M_tok [B, R, R]
+                R = lw.s1.shape[0]
+                M = (lw.s_emb[tokens] + emb @ lw.s_emb_x.T).reshape(B, R, R)
+                hidden = hidden * (((xx2 @ lw.s1.T)[:, None, :] @ M)[:, 0] @ lw.s2.T + lw.s0)
+            x = x + hidden @ lw.ffn_value.T
             new.append(type(s)(att_shift=xx, wkv=S, ffn_shift=xx2))
         return x, new
