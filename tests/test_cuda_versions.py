@@ -1,5 +1,5 @@
 """Every supported version on a CUDA device, including those without fused kernels (RWKV-5.x,
-RWKV-6: the PyTorch path), against our fp32 CPU path. Skips without a GPU.
+RWKV-6, RWKV-7a: the PyTorch path), against our fp32 CPU path. Skips without a GPU.
 
 Tolerances as in tests/test_dtypes.py: fp16 logits 0.01 x max(1, max |fp32 logits|), states 0.02;
 bf16 logits 0.05, states 0.1.
@@ -19,7 +19,7 @@ TOLERANCES = {"fp16": (0.01, 0.02), "bf16": (0.05, 0.1)}
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("version", ["5.0", "5.1", "5.2", "6", "7", "4"])
+@pytest.mark.parametrize("version", ["5.0", "5.1", "5.2", "6", "7", "7a", "4"])
 def test_version_on_cuda_matches_cpu_fp32(make_ckpt, version, dtype):
     logit_tol, state_tol = TOLERANCES[dtype]
     path = make_ckpt(version, 3, 128, 1024)
