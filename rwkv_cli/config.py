@@ -191,7 +191,7 @@ def _deep_embed_rank(shapes: Shapes) -> int:
     rank = _need(shapes, "blocks.0.ffn.s1", 2)[1]
     width = _need(shapes, "blocks.0.ffn.s_emb.weight", 2)[1]
     if rank <= 0 or width != rank * rank:
-        raise CheckpointError(f"ffn.s_emb.weight rows have {width} values, expected ffn.s1's rank squared ({rank}^2)")
+        raise CheckpointError(f"ffn.s_emb.weight rows hold {width} values, not ffn.s1's rank squared {rank}^2")
     return rank
 
 

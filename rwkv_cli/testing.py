@@ -39,9 +39,10 @@ def random_state_dict(
     dtype: torch.dtype = torch.bfloat16,
     layer0_value_lora: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a random RWKV-4, 5.0, 5.1, 5.2, 6, 7 or 7a model under BlinkDL names (`rwkv-models.md` §5)."""
+    """Tensors of a random RWKV-4, 5.0, 5.1, 5.2, 6, 7 or 7a model, BlinkDL names (`rwkv-models.md` §5)."""
     if version == "7a":  # RWKV-7 plus DeepEmbed tensors in every channel-mix (§5, §7.5)
-        sd = random_state_dict("7", n_layer, n_embd, vocab_size, head_size, seed, torch.float32, layer0_value_lora)
+        sd = random_state_dict("7", n_layer, n_embd, vocab_size, head_size, seed, torch.float32,
+                               layer0_value_lora)
         sd.update(_deep_embed_tensors(n_layer, n_embd, sd["emb.weight"].shape[0], seed))
         return {k: v.to(dtype).contiguous() for k, v in sd.items()}
     gen = torch.Generator().manual_seed(seed)
@@ -98,7 +99,7 @@ def random_state_dict(
         elif version in V5_V6:
             sd.update(_v5_v6_layer(version, i, n_layer, C, head_size, normal, uniform, mat))
         else:
-            raise ValueError(f"random checkpoints exist for RWKV-4, 5.0, 5.1, 5.2, 6, 7 and 7a, not {version!r}")
+            raise ValueError(f"random checkpoints exist for RWKV-4, 5.0-5.2, 6, 7 and 7a, not {version!r}")
         F = ffn_width(version, C)
         sd[ffn + "key.weight"] = mat(F, C)
         sd[ffn + "value.weight"] = mat(C, F, gain=0.5)

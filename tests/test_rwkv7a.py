@@ -57,7 +57,8 @@ def test_config_from_shapes():
     assert (cfg.version, cfg.variant, cfg.name) == ("7", "7a", "RWKV-7a (DeepEmbed)")
     assert cfg.lora["s"] == 32 and cfg.deep_embed_width == 1024
     assert cfg.describe().startswith("RWKV-7a (DeepEmbed): 2 layers")
-    plain = infer_config({k: tuple(v.shape) for k, v in random_state_dict("7", 2, 128, vocab_size=256).items()})
+    plain_sd = random_state_dict("7", 2, 128, vocab_size=256)
+    plain = infer_config({k: tuple(v.shape) for k, v in plain_sd.items()})
     assert plain.variant == "7" and "s" not in plain.lora and plain.deep_embed_width == 0
 
 
@@ -117,7 +118,8 @@ def test_deep_embed_changes_the_output(make_ckpt):
     sd = {k: v for k, v in torch.load(path, weights_only=True).items() if ".ffn.s" not in k}
     prompt, _ = parity_tokens(SHAPES7A[0][3])
     with_de, _ = load_model(path, "cpu", "fp32").forward([prompt])
-    without, _ = load_model(write_checkpoint(path.with_name("v7a-stripped.pth"), sd), "cpu", "fp32").forward([prompt])
+    stripped = write_checkpoint(path.with_name("v7a-stripped.pth"), sd)
+    without, _ = load_model(stripped, "cpu", "fp32").forward([prompt])
     assert float((with_de - without).abs().max()) > 0.1 * float(with_de.abs().max())
 
 
@@ -166,7 +168,9 @@ def test_half_precision_matches_fp32(dtype, make_ckpt):
         ref_logits, ref_state = ref_model.forward(step, ref_state)
         logits, state = model.forward(step, state)
     assert_close_to_reference(logits, ref_logits, f"{dtype} logits", rel=logit_tol)
-    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    kl = torch.nn.functional.kl_div(
+        logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
     assert float(kl) <= kl_tol
     ref_dict = ref_state.to_dict()
     for name, tensor in state.to_dict().items():

@@ -5,10 +5,10 @@ Equations follow `rwkv-models.md` §7.4 (numbers in comments are its steps), whi
 H heads of N channels (C = H * N), F FFN width, R DeepEmbed rank.
 
 RWKV-7a (DeepEmbed, §7.5) is the same model plus a token-dependent factor on each channel-mix's
-hidden vector, so its layers also take the token ids (`blocks(..., tokens=)`). The per-token matrix
-M_tok = s_emb[tok] + LN0(emb[tok]) s_emb_x^T is formed for the tokens at hand rather than for the
-whole vocabulary at load, as the reference does: one [R*R, C] product per layer and token instead
-of V of them at load (12 x 65536 rows for the 0.1B model), and no second [V, R*R] table.
+hidden vector, so its layers also take the token ids (`blocks(..., tokens=)`). The reference sums
+M = s_emb + LN0(emb) s_emb_x^T for the whole vocabulary at load; here M_tok is formed for the
+tokens at hand: one [R*R, C] product per layer and token instead of V of them at load (12 x 65536
+rows for the 0.1B shape), same numbers up to rounding.
 """
 
 from __future__ import annotations
@@ -119,14 +119,14 @@ class RWKV7(RWKVBase):
     def _token_kwargs(self, tokens) -> dict:
         return {"tokens": tokens} if self.deep_embed else {}
 
-    def blocks(self, x: torch.Tensor, state: State, last_only: bool = False, tokens=None) -> tuple[torch.Tensor, State]:
+    def blocks(self, x: torch.Tensor, state: State, last_only: bool = False, tokens=None):
         """See `RWKVBase.blocks`; x [B, T, C] must be LN0(emb[tokens]). RWKV-7a needs `tokens` [B, T]."""
         new_layers = []
         v_first = None
         embed = None
         if self.deep_embed:
             if tokens is None:
-                raise ValueError("RWKV-7a (DeepEmbed) layers need the token ids: blocks(x, state, tokens=...)")
+                raise ValueError("RWKV-7a (DeepEmbed) layers need the token ids: blocks(..., tokens=)")
             embed = (tokens, x)  # the channel-mix factor reads the token and its embedding
         for i, (lw, st) in enumerate(zip(self.layers, state.layers)):
             keep = 2 if last_only and i == len(self.layers) - 1 else x.shape[1]
