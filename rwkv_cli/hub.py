@@ -11,6 +11,11 @@ A spec is, in the order it is tried:
 * `owner/repo` (the repository's one checkpoint; an error lists them when there are several) or
   `owner/repo:FILE`, where FILE may be a glob (`owner/repo:*-0.4b-*`; several matches resolve to
   the newest by date, or an error lists them);
+* `owner/repo` of a Hugging Face-layout repository (`RWKV/rwkv-4-169m-pile`, `fla-hub/rwkv7-0.1B-g1`:
+  `model.safetensors`, shards listed by `model.safetensors.index.json`, or `pytorch_model.bin`, and
+  no BlinkDL checkpoint beside them): the weights, `config.json` and the tokenizer files are fetched
+  into one snapshot folder, and the spec resolves to the weights (or shard index) inside it, as a
+  local model folder does;
 * any Hub spec may end in `@REVISION` (a branch, tag or commit).
 
 Default model: `rwkv7-g1-0.4b`, unless `RWKV_MODEL` names another spec. G1 is BlinkDL's current
@@ -53,8 +58,8 @@ class ModelNotFoundError(RWKVError):
 
 
 # alias -> (repo, glob over its file names); the newest match by date wins. `rwkv7-g1*` takes
-# every G1 generation (g1, g1a, g1b, ...) and leaves out the DeepEmbed `rwkv7a-`/`rwkv7b-` files
-# this engine cannot run; `-2*` after the size keeps RWKV-4 to the dated release files.
+# every G1 generation (g1, g1a, g1b, ...) and leaves out the DeepEmbed `rwkv7a-`/`rwkv7b-` files,
+# which are other architectures; `-2*` after the size keeps RWKV-4 to the dated release files.
 ALIASES: dict[str, tuple[str, str]] = {
     **{
         f"rwkv7-g1-{s}": ("BlinkDL/rwkv7-g1", f"rwkv7-g1*-{s}-*.pth")
@@ -148,6 +153,16 @@ def parse_spec(text: str) -> HubSpec:
     return HubSpec(repo_id, pattern or None, revision)
 
 
+# Hugging Face layout: the weights' entry point, in the order a model folder is read
+# (`rwkv_cli.checkpoint.HF_WEIGHT_FILES`); shards, and the small files fetched with the weights.
+HF_ENTRIES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+_HF_SHARD = re.compile(r"^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin)$")
+HF_COMPANIONS = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _DATE = re.compile(r"(?<!\d)(20\d{6})(?!\d)")  # YYYYMMDD in BlinkDL file names
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -173,7 +188,7 @@ def _local_checkpoint(path: Path) -> Path:
     if not path.is_dir():
         return path  # any file: the checkpoint reader says what it is if it is not a checkpoint
     if (path / "config.json").is_file():  # a Hugging Face model folder (transformers, fla-hub, RWKV-org)
-        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        for name in HF_ENTRIES:
             if (path / name).is_file():
                 return path / name  # the weights, or the index of their shards
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
@@ -200,8 +215,11 @@ def _resolve_hub(spec: HubSpec, text: str, offline: bool, cache: Path, progress:
             why_cached = f"cannot reach the Hub ({_first_line(e)})"
     if files is None:
         files = _cached_files(spec, cache)
-    filename, commit = _choose(spec, text, files, why_cached, cache)
     cache_only = offline or bool(why_cached)
+    entry = _hf_entry(spec, [name for name, _ in files])
+    if entry is not None:
+        return _resolve_hf_layout(spec, text, files, entry, cache_only, cache, progress)
+    filename, commit = _choose(spec, text, files, why_cached, cache)
     # A new download asks for the branch or tag by name, so huggingface_hub records refs/<name>
     # for later offline runs; the commit is then read from the path it returns. A file already
     # cached at the listed commit is taken by commit: no HEAD request.
@@ -214,6 +232,53 @@ def _resolve_hub(spec: HubSpec, text: str, offline: bool, cache: Path, progress:
     if beside in dict(files):  # a tokenizer that ships with the model, at the same commit
         _download(spec, beside, commit, cache, cache_only, progress)
     return ResolvedModel(path, text, spec.repo_id, filename, commit)
+
+
+def _hf_entry(spec: HubSpec, names: list[str]) -> str | None:
+    """For `owner/repo` alone: the Hugging Face weights' entry point (`HF_ENTRIES`) when the repo
+    has one and no BlinkDL checkpoint (a .pth / .safetensors that is not HF weights), else None."""
+    if spec.pattern is not None:
+        return None
+    blinkdl = [n for n in _matches(spec, names) if n not in HF_ENTRIES and not _HF_SHARD.match(n)]
+    if blinkdl:
+        return None
+    return next((n for n in HF_ENTRIES if n in names), None)
+
+
+def _resolve_hf_layout(
+    spec: HubSpec, text: str, files: list[tuple[str, str]], entry: str, cache_only: bool, cache: Path,
+    progress: bool,
+) -> ResolvedModel:
+    """Fetch a Hugging Face-layout repo's weights (every shard an index lists), `config.json` and
+    tokenizer files into one snapshot folder; resolve to the weights' entry point inside it."""
+    listed = dict(files)
+    pinned = cache_only or (_repo_dir(cache, spec) / "snapshots" / listed[entry] / entry).is_file()
+    revision = listed[entry] if pinned else spec.revision or "main"  # as for one file: refs/<name> recorded
+    path = _download(spec, entry, revision, cache, cache_only, progress)
+    commit = path.parent.name  # every entry of HF_ENTRIES sits at the repo's root
+    names = [name for name in HF_COMPANIONS if listed.get(name) == listed[entry]]  # same snapshot
+    if entry.endswith(".index.json"):
+        names = _shards(spec, entry, path) + names
+    for name in names:
+        _download(spec, name, commit, cache, cache_only, progress)
+    return ResolvedModel(path, text, spec.repo_id, entry, commit)
+
+
+def _shards(spec: HubSpec, entry: str, index: Path) -> list[str]:
+    """The files a `*.index.json` shard index lists (its `weight_map` values), in order."""
+    from .checkpoint import weight_files
+    from .errors import CheckpointError
+
+    try:
+        names = [PurePosixPath(p.relative_to(index.parent).as_posix()) for p in weight_files(index)]
+    except CheckpointError as e:
+        raise ModelNotFoundError(f"{spec.repo_id}:{entry}: {str(e).removeprefix(f'{index}: ')}") from None
+    except ValueError:  # an absolute path
+        names = [PurePosixPath("/")]
+    bad = [str(n) for n in names if n.is_absolute() or ".." in n.parts]
+    if bad:
+        raise ModelNotFoundError(f"{spec.repo_id}:{entry} lists a shard outside the repository: {bad[0]}")
+    return [str(n) for n in names]
 
 
 def _remote_files(spec: HubSpec) -> list[tuple[str, str]]:
@@ -236,7 +301,7 @@ def _cached_files(spec: HubSpec, cache: Path) -> list[tuple[str, str]]:
     if spec.revision:
         return _snapshot(snapshots, spec.revision if _COMMIT.match(spec.revision) else ref)
     main = _snapshot(snapshots, ref)
-    if _matches(spec, [name for name, _ in main]):
+    if _matches(spec, [name for name, _ in main]) or _hf_entry(spec, [name for name, _ in main]):
         return main
     rest = sorted((d for d in snapshots.iterdir() if d.name != ref), key=lambda d: -d.stat().st_mtime)
     found: dict[str, str] = {}
