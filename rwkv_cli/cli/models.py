@@ -111,7 +111,7 @@ def _describe(c) -> dict:
         row.update(version="unreadable", error=str(e))
     else:
         params = sum(prod(s) for s in shapes.values())
-        row.update(version=f"RWKV-{cfg.version}", params=params, size_class=_count(params))
+        row.update(version=f"RWKV-{cfg.variant}", params=params, size_class=_count(params))
         row.update(layers=cfg.n_layer, width=cfg.n_embd, vocab=cfg.vocab_size, tokenizer=cfg.tokenizer)
     return row
 
