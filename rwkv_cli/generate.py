@@ -115,7 +115,8 @@ class Generation:
         elif self.logits is None:
             raise ValueError("nothing to generate from: give prompt tokens, or a state with its logits")
         # penalties count generated tokens only, as in PIPELINE.generate
-        sampler = Sampler([self.params], model.cfg.vocab_size, uncounted=() if self.count_every_token else uncounted_tokens(tok))
+        sampler = Sampler([self.params], model.cfg.vocab_size, device=self.logits.device,
+                          uncounted=() if self.count_every_token else uncounted_tokens(tok))
         detok, stops = tok.detokenizer(), StopMatcher(self.stop)
         eos = getattr(tok, "eos_id", 0) if self.stop_at_eos else None
         t0 = time.perf_counter()
@@ -184,7 +185,8 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
             states.append(st)
             logits.append(lg)
         state, logits = State.cat(states), torch.cat(logits)
-        sampler = Sampler([requests[i].params for i in group], model.cfg.vocab_size, uncounted=uncounted_tokens(tokenizer))
+        sampler = Sampler([requests[i].params for i in group], model.cfg.vocab_size, device=logits.device,
+                          uncounted=uncounted_tokens(tokenizer))
         active = list(group)
         detoks = {i: tokenizer.detokenizer() for i in group}
         stops = {i: StopMatcher(requests[i].stop) for i in group}

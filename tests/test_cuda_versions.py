@@ -35,3 +35,27 @@ def test_version_on_cuda_matches_cpu_fp32(make_ckpt, version, dtype):
     ref = ref_state.to_dict()
     for name, tensor in state.to_dict().items():
         assert_close_to_reference(tensor.cpu(), ref[name], f"{version} {dtype} {name}", rel=state_tol)
+
+
+@pytest.mark.parametrize("version", ["7", "4"])
+def test_generation_batch_and_chat_on_cuda(make_ckpt, version):
+    """The layers above the engine (sampler, streaming, batching, chat snapshots) on a GPU."""
+    from rwkv_cli.generate import BatchRequest, Generation, generate_batch
+    from rwkv_cli.sampling import SamplingParams
+    from rwkv_cli.session import ChatSession
+    from rwkv_cli.tokenizer import load_tokenizer
+
+    world = load_tokenizer("world")
+    model = load_model(make_ckpt(version, 3, 128, 65536), "cuda", "fp16")
+    ids = world.encode("Once upon a time")
+    for params in (SamplingParams(temperature=0), SamplingParams(seed=3), SamplingParams(top_p=1.0, top_k=5, seed=4)):
+        gen = Generation(model, world, ids, params, max_tokens=12, stop_at_eos=False)
+        gen.run()
+        assert len(gen.tokens) == 12 and gen.state.device.type == "cuda"
+    requests = [BatchRequest(world.encode(p), SamplingParams(temperature=0), 5 + i) for i, p in enumerate(["a", "bc", "def"])]
+    results = dict(generate_batch(model, world, requests, batch_size=2, stop_at_eos=False))
+    assert [len(results[i]["tokens"]) for i in range(3)] == [5, 6, 7]
+    chat = ChatSession(model, world, SamplingParams(temperature=0), max_tokens=6)
+    first = "".join(chat.send("Hello"))
+    chat.undo()
+    assert "".join(chat.send("Hello")) == first
