@@ -116,35 +116,38 @@ class Sampler:
         return (logits - penalty).masked_fill(self.ban, float("-inf"))
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draw one token per sequence from logits [B, V]; updates the penalty counts. -> [B]"""
+        """Draw one token per sequence from logits [B, V]; updates the penalty counts. -> [B]
+
+        Which rows are greedy, and their temperatures, come from the host-side parameters, so a
+        GPU is never waited on before the draw itself."""
         probs = torch.softmax(self.penalized(logits), -1)
         tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-        greedy = (self.temperature == 0).view(-1)
-        if greedy.any():
+        greedy = [b for b, p in enumerate(self.params) if p.temperature == 0]
+        rows = [b for b, p in enumerate(self.params) if p.temperature != 0]
+        if greedy:
             tokens[greedy] = probs[greedy].argmax(-1)
-        if not greedy.all():
-            rows = (~greedy).nonzero().view(-1).tolist()
-            # Truncation only needs the head of the sorted distribution: take the top CANDIDATES
-            # (a partial sort, ~25x cheaper than sorting 65k probabilities), widening only for
-            # rows whose kept set might extend past them (flat distributions, large top-p).
-            pending = rows
-            for k in (*CANDIDATES, probs.shape[-1]):
-                top_p, top_i = probs[pending].topk(min(k, probs.shape[-1]), -1)
-                kept, complete = self._truncate(top_p, pending)
-                last = k >= probs.shape[-1]
-                for n, b in enumerate(pending):
-                    if complete[n] or last:
-                        p = kept[n] ** (1.0 / float(self.temperature[b]))  # temperature after truncation
-                        tokens[b] = top_i[n, torch.multinomial(p / p.sum(), 1, generator=self.generators[b])[0]]
-                pending = [b for n, b in enumerate(pending) if not complete[n]]
-                if not pending or last:
-                    break
+        # Truncation needs only the head of the sorted distribution. On the CPU, take the top
+        # CANDIDATES first (a partial sort, ~25x cheaper than sorting 65k probabilities), widening
+        # only for rows whose kept set might extend past them. A GPU sorts everything in one call.
+        tiers = (*CANDIDATES, probs.shape[-1]) if probs.device.type == "cpu" else (probs.shape[-1],)
+        for k in tiers:
+            if not rows:
+                break
+            last = k >= probs.shape[-1]
+            top_p, top_i = probs[rows].topk(min(k, probs.shape[-1]), -1) if not last else probs[rows].sort(-1, descending=True)
+            kept, complete = self._truncate(top_p, rows, check_complete=not last)
+            for n, b in enumerate(rows):
+                if last or complete[n]:
+                    p = kept[n] ** (1.0 / self.params[b].temperature)  # temperature after truncation
+                    tokens[b] = top_i[n, torch.multinomial(p / p.sum(), 1, generator=self.generators[b])[0]]
+            rows = [] if last else [b for n, b in enumerate(rows) if not complete[n]]
         self.record(tokens)
         return tokens
 
-    def _truncate(self, sorted_p: torch.Tensor, rows: list[int]):
+    def _truncate(self, sorted_p: torch.Tensor, rows: list[int], check_complete: bool = True):
         """sorted_p [R, K]: the K largest probabilities of each row, descending. Returns the kept
-        probabilities (others zeroed) and, per row, whether the kept set surely lies within K."""
+        probabilities (others zeroed) and, per row, whether the kept set surely lies within K
+        (None when not asked: the check waits for the device)."""
         # top-p: the cut-off is the probability where the cumulative sum first reaches top_p
         cum = torch.cumsum(sorted_p, -1)
         top_p = self.top_p[rows]
@@ -158,7 +161,7 @@ class Sampler:
         cutoff = torch.maximum(cutoff, self.min_p[rows] * sorted_p[:, :1])
         # Every probability outside the K is <= the last one here: the set is complete when that
         # last one is already cut off (ties at the cut-off survive, so equality is not enough).
-        complete = (sorted_p[:, -1:] < cutoff).view(-1).tolist()
+        complete = (sorted_p[:, -1:] < cutoff).view(-1).tolist() if check_complete else None
         return torch.where(sorted_p >= cutoff, sorted_p, 0.0), complete
 
     def record(self, tokens: torch.Tensor) -> None:
