@@ -73,11 +73,13 @@ class Model:
     def zero_state(self, batch_size: int = 1) -> State:
         return self.net.zero_state(batch_size)
 
-    def forward(self, tokens, state: State | None = None, full_output: bool = False):
+    def forward(self, tokens, state: State | None = None, full_output: bool = False, check_finite: bool = True):
         """Run B sequences of T tokens: tokens [B, T] (a tensor or nested lists; a flat list is B = 1).
 
         Returns fp32 logits [B, V] after the last token ([B, T, V] with full_output) and the new
         state. Prompts longer than `prefill_chunk` are processed chunk by chunk, carrying the state.
+        Non-finite logits raise NonFiniteError; `check_finite=False` leaves that to the caller (the
+        check waits for a GPU to finish, so decoding loops fold it into the sampler's transfer).
         """
         tokens = self._as_batch(tokens)
         if state is None:
@@ -95,9 +97,8 @@ class Model:
             outs.append(logits)
         logits = torch.cat(outs, 1) if full_output else outs[-1]
         logits = logits.float()
-        if not bool(torch.isfinite(logits.sum())):  # one reduction: NaN or inf anywhere shows in the sum
-            hint = " (fp16 overflow? try --dtype bf16 or fp32)" if self.dtype == torch.float16 else ""
-            raise NonFiniteError(f"the model produced non-finite logits{hint}")
+        if check_finite and not bool(torch.isfinite(logits.sum())):  # NaN or inf anywhere shows in the sum
+            raise non_finite_error(self.dtype)
         return logits, state
 
     def _as_batch(self, tokens) -> torch.Tensor:
@@ -114,6 +115,11 @@ class Model:
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
         return tokens.to(self.device)
+
+
+def non_finite_error(dtype: torch.dtype) -> NonFiniteError:
+    hint = " (fp16 overflow? try --dtype bf16 or fp32)" if dtype == torch.float16 else ""
+    return NonFiniteError(f"the model produced non-finite logits{hint}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Model:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Model
+from .engine import Model, non_finite_error
 from .sampling import Sampler, SamplingParams, uncounted_tokens
 from .state import State
 
@@ -121,11 +121,14 @@ class Generation:
         eos = getattr(tok, "eos_id", 0) if self.stop_at_eos else None
         t0 = time.perf_counter()
         while self.max_tokens < 0 or len(self.tokens) < self.max_tokens:
-            token = int(sampler.sample(self.logits)[0])
+            sampled = sampler.sample_ids(self.logits)
+            if sampled is None:
+                raise non_finite_error(model.dtype)
+            token = sampled[0]
             if token == eos:
                 self.finish_reason = "stop"
                 break
-            logits, state = model.forward([[token]], self.state)
+            logits, state = model.forward([[token]], self.state, check_finite=False)
             self.prev_logits, self.prev_state = self.logits, self.state
             self.logits, self.state = logits, state
             self.tokens.append(token)
@@ -193,7 +196,9 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
         out = {i: {"tokens": [], "text": ""} for i in group}
         t0 = time.perf_counter()
         while active:
-            tokens = sampler.sample(logits).tolist()
+            tokens = sampler.sample_ids(logits)
+            if tokens is None:
+                raise non_finite_error(model.dtype)
             keep, finished = [], []
             for row, (i, token) in enumerate(zip(active, tokens)):
                 req, res = requests[i], out[i]
@@ -224,4 +229,4 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
                 sampler.select(sampler_rows)
                 active = [active[r] for r in keep]
                 tokens = [tokens[r] for r in keep]
-            logits, state = model.forward([[t] for t in tokens], state)
+            logits, state = model.forward([[t] for t in tokens], state, check_finite=False)

@@ -144,6 +144,14 @@ class Sampler:
         self.record(tokens)
         return tokens
 
+    def sample_ids(self, logits: torch.Tensor) -> list[int] | None:
+        """`sample` as host integers, with the finiteness of `logits` checked in the same transfer
+        (one wait for the device per step); None when any logit is NaN or infinite."""
+        tokens = self.sample(logits)
+        finite = torch.isfinite(logits.sum(-1)).long()
+        both = torch.cat([tokens, finite]).tolist()
+        return both[: len(tokens)] if all(both[len(tokens) :]) else None
+
     def _truncate(self, sorted_p: torch.Tensor, rows: list[int], check_complete: bool = True):
         """sorted_p [R, K]: the K largest probabilities of each row, descending. Returns the kept
         probabilities (others zeroed) and, per row, whether the kept set surely lies within K

@@ -144,3 +144,12 @@ def test_temperature_zero_matches_reference_pipeline(version, make_ckpt, world, 
     gen = Generation(load_model(path, "cpu", "fp32"), world, world.encode(ctx), params, max_tokens=40, stop_at_eos=False)
     gen.run()
     assert gen.tokens == ref["pipeline.tokens"].tolist()
+
+
+def test_non_finite_logits_stop_generation_with_an_error(world_model, world):
+    from rwkv_cli.errors import NonFiniteError
+
+    nan = torch.full((1, world_model.cfg.vocab_size), float("nan"))
+    gen = Generation(world_model, world, [], GREEDY, max_tokens=3, state=world_model.zero_state(), logits=nan)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        gen.run()
