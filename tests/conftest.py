@@ -74,3 +74,36 @@ def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, what: str, 
     err = float((ours - ref).abs().max())
     bound = rel * max(1.0, float(ref.abs().max()))
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def matmul_backend(request):
+    """Both CPU paths: NumPy's BLAS with the NumPy decoding step, and plain torch (its twin)."""
+    from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
+
+    before = cpu_matmul_backend()
+    set_cpu_matmul_backend(request.param)
+    yield request.param
+    set_cpu_matmul_backend(before)
+
+
+def check_prompt_then_steps(model, ref: dict, version: str, vocab_size: int) -> None:
+    """The parity bar: logits and every state tensor against the reference's, after the
+    64-token prompt and after 32 single steps (`parity_tokens`)."""
+    from rwkv_cli.testing import reference_state_as_dict
+
+    prompt, steps = parity_tokens(vocab_size)
+    logits, state = model.forward([prompt])
+    assert_close_to_reference(logits[0], ref["prompt.logits"], "prompt logits")
+    ref_state = reference_state_as_dict(ref, "prompt", version)
+    assert set(state.to_dict()) == set(ref_state)
+    for name, tensor in state.to_dict().items():
+        assert_close_to_reference(tensor, ref_state[name], f"prompt state {name}")
+    step_logits = []
+    for token in steps:
+        logits, state = model.forward([[token]], state)
+        step_logits.append(logits[0])
+    assert_close_to_reference(torch.stack(step_logits), ref["steps.logits"], "step logits")
+    ref_state = reference_state_as_dict(ref, "steps", version)
+    for name, tensor in state.to_dict().items():
+        assert_close_to_reference(tensor, ref_state[name], f"state after steps {name}")

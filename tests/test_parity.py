@@ -7,19 +7,13 @@ import pytest
 import torch
 
 from rwkv_cli import load_model
-from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
-from rwkv_cli.testing import reference_state_as_dict
 
-from .conftest import PARITY_SHAPES, assert_close_to_reference, parity_tokens, shape_id
-
-
-@pytest.fixture(params=["numpy", "torch"])
-def matmul_backend(request):
-    """Run each parity test with both CPU matrix-product backends."""
-    before = cpu_matmul_backend()
-    set_cpu_matmul_backend(request.param)
-    yield request.param
-    set_cpu_matmul_backend(before)
+from .conftest import (
+    PARITY_SHAPES,
+    check_prompt_then_steps,
+    parity_tokens,
+    shape_id,
+)
 
 
 @pytest.mark.parametrize("shape", PARITY_SHAPES, ids=shape_id)
@@ -27,24 +21,7 @@ def test_prompt_then_steps_match_reference(shape, make_ckpt, reference_outputs, 
     version = shape[0]
     ref = reference_outputs[shape]
     model = load_model(make_ckpt(*shape), device="cpu", dtype="fp32")
-    prompt, steps = parity_tokens(shape[3])
-
-    logits, state = model.forward([prompt])
-    assert_close_to_reference(logits[0], ref["prompt.logits"], "prompt logits")
-    ref_state = reference_state_as_dict(ref, "prompt", version)
-    ours = state.to_dict()
-    assert set(ours) == set(ref_state)
-    for name, tensor in ours.items():
-        assert_close_to_reference(tensor, ref_state[name], f"prompt state {name}")
-
-    step_logits = []
-    for token in steps:
-        logits, state = model.forward([[token]], state)
-        step_logits.append(logits[0])
-    assert_close_to_reference(torch.stack(step_logits), ref["steps.logits"], "step logits")
-    ref_state = reference_state_as_dict(ref, "steps", version)
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_state[name], f"state after steps {name}")
+    check_prompt_then_steps(model, ref, version, shape[3])
 
 
 @pytest.mark.parametrize("shape", PARITY_SHAPES[:1] + PARITY_SHAPES[2:3], ids=shape_id)

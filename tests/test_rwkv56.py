@@ -15,11 +15,10 @@ from rwkv_cli import load_model
 from rwkv_cli.checkpoint import load_checkpoint
 from rwkv_cli.config import infer_config
 from rwkv_cli.errors import CheckpointError
-from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
 from rwkv_cli.testing import random_state_dict, reference_state_as_dict, write_checkpoint
 from rwkv_cli.wkv56 import _SAFE_RANGE, wkv5_sequence, wkv5_step, wkv6_sequence
 
-from .conftest import assert_close_to_reference, parity_tokens, shape_id
+from .conftest import assert_close_to_reference, check_prompt_then_steps, parity_tokens, shape_id
 
 # (version, layers, width, vocab): >= 3 layers, head size 64, several heads; two shapes for 5.2, 6
 SHAPES56 = [
@@ -54,13 +53,6 @@ def tuned_checkpoint(folder):
     return write_checkpoint(folder / "v6-tuned.pth", sd)
 
 
-@pytest.fixture(params=["numpy", "torch"])
-def matmul_backend(request):
-    """Both CPU paths: NumPy (the decoding step in NumPy) and torch (its twin)."""
-    before = cpu_matmul_backend()
-    set_cpu_matmul_backend(request.param)
-    yield request.param
-    set_cpu_matmul_backend(before)
 
 
 @pytest.mark.parametrize("shape", SHAPES56, ids=shape_id)
@@ -68,21 +60,7 @@ def test_prompt_then_steps_match_reference(shape, make_ckpt, reference56, matmul
     version, ref = shape[0], reference56[shape]
     model = load_model(make_ckpt(*shape), device="cpu", dtype="fp32")
     assert model.cfg.version == version
-    prompt, steps = parity_tokens(shape[3])
-    logits, state = model.forward([prompt])
-    assert_close_to_reference(logits[0], ref["prompt.logits"], "prompt logits")
-    ref_state = reference_state_as_dict(ref, "prompt", version)
-    assert set(state.to_dict()) == set(ref_state)
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_state[name], f"prompt state {name}")
-    step_logits = []
-    for token in steps:
-        logits, state = model.forward([[token]], state)
-        step_logits.append(logits[0])
-    assert_close_to_reference(torch.stack(step_logits), ref["steps.logits"], "step logits")
-    ref_state = reference_state_as_dict(ref, "steps", version)
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_state[name], f"state after steps {name}")
+    check_prompt_then_steps(model, ref, version, shape[3])
 
 
 # -- detection and config -------------------------------------------------------------------------

@@ -15,10 +15,9 @@ from rwkv_cli import load_model
 from rwkv_cli.checkpoint import load_checkpoint
 from rwkv_cli.config import infer_config
 from rwkv_cli.errors import CheckpointError, UnsupportedModelError
-from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
-from rwkv_cli.testing import random_state_dict, reference_state_as_dict, write_checkpoint
+from rwkv_cli.testing import random_state_dict, write_checkpoint
 
-from .conftest import assert_close_to_reference, parity_tokens, shape_id
+from .conftest import assert_close_to_reference, check_prompt_then_steps, parity_tokens, shape_id
 from .test_dtypes import TOLERANCES
 from .test_sequence import stepwise
 
@@ -40,13 +39,6 @@ def reference7a(make_ckpt, tmp_path_factory):
     return dict(zip(SHAPES7A, outs, strict=True))
 
 
-@pytest.fixture(params=["numpy", "torch"])
-def matmul_backend(request):
-    """Both CPU paths: NumPy (the decoding step in NumPy) and torch (its twin)."""
-    before = cpu_matmul_backend()
-    set_cpu_matmul_backend(request.param)
-    yield request.param
-    set_cpu_matmul_backend(before)
 
 
 # -- detection and config -------------------------------------------------------------------------
@@ -94,21 +86,7 @@ def test_prompt_then_steps_match_reference(shape, make_ckpt, reference7a, matmul
     ref = reference7a[shape]
     model = load_model(make_ckpt(*shape), device="cpu", dtype="fp32")
     assert model.cfg.variant == "7a"
-    prompt, steps = parity_tokens(shape[3])
-    logits, state = model.forward([prompt])
-    assert_close_to_reference(logits[0], ref["prompt.logits"], "prompt logits")
-    ref_state = reference_state_as_dict(ref, "prompt", "7a")
-    assert set(state.to_dict()) == set(ref_state)
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_state[name], f"prompt state {name}")
-    step_logits = []
-    for token in steps:
-        logits, state = model.forward([[token]], state)
-        step_logits.append(logits[0])
-    assert_close_to_reference(torch.stack(step_logits), ref["steps.logits"], "step logits")
-    ref_state = reference_state_as_dict(ref, "steps", "7a")
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_state[name], f"state after steps {name}")
+    check_prompt_then_steps(model, ref, "7a", shape[3])
 
 
 def test_deep_embed_changes_the_output(make_ckpt):
