@@ -107,3 +107,86 @@ def check_prompt_then_steps(model, ref: dict, version: str, vocab_size: int) -> 
     ref_state = reference_state_as_dict(ref, "steps", version)
     for name, tensor in state.to_dict().items():
         assert_close_to_reference(tensor, ref_state[name], f"state after steps {name}")
+
+
+# Half precision against fp32 (documented in tests/test_dtypes.py): (logits, KL, states)
+HALF_TOLERANCES = {"bf16": (0.05, 2e-3, 0.1), "fp16": (0.01, 1e-4, 0.02)}
+
+
+def stepwise(model, tokens):
+    """Feed [B, T] tokens one at a time; return per-position logits [B, T, V] and the final state."""
+    state, outs = None, []
+    for t in range(tokens.shape[1]):
+        logits, state = model.forward(tokens[:, t : t + 1], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+def check_sequence_equals_steps(model, tokens, by_steps=None) -> None:
+    """Sequence mode (all positions, and last-position-only) against one token at a time."""
+    ref_logits, ref_state = by_steps or stepwise(model, tokens)
+    logits, state = model.forward(tokens, full_output=True)
+    assert_close_to_reference(logits, ref_logits, "all-position logits")
+    last, last_state = model.forward(tokens)  # the final layer computes only the last positions
+    assert_close_to_reference(last, ref_logits[:, -1], "last logits")
+    ref_dict, last_dict = ref_state.to_dict(), last_state.to_dict()
+    for name, tensor in state.to_dict().items():
+        assert_close_to_reference(tensor, ref_dict[name], name)
+        assert_close_to_reference(last_dict[name], ref_dict[name], f"last-only {name}")
+
+
+def check_batch_rows_independent(model, vocab_size: int = 512) -> None:
+    """Three sequences in one batch give what each gives alone."""
+    tokens = torch.randint(0, vocab_size, (3, 20), generator=torch.Generator().manual_seed(3))
+    batch_logits, batch_state = model.forward(tokens)
+    for b in range(3):
+        alone, alone_state = model.forward(tokens[b : b + 1])
+        assert_close_to_reference(batch_logits[b : b + 1], alone, f"row {b}")
+        row = batch_state.select(b).to_dict()
+        for name, tensor in alone_state.to_dict().items():
+            assert_close_to_reference(row[name], tensor, f"row {b} {name}")
+
+
+def check_half_precision(path, dtype: str, vocab_size: int) -> None:
+    """A prompt then 8 steps in bf16/fp16 against fp32, within HALF_TOLERANCES; state dtypes."""
+    from rwkv_cli import load_model
+
+    logit_tol, kl_tol, state_tol = HALF_TOLERANCES[dtype]
+    ref_model, model = load_model(path, "cpu", "fp32"), load_model(path, "cpu", dtype)
+    tokens = torch.randint(0, vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref_logits, ref_state = ref_model.forward(tokens)
+    logits, state = model.forward(tokens)
+    for t in range(8):  # then a few RNN steps in the same precision
+        step = tokens[:, t : t + 1]
+        ref_logits, ref_state = ref_model.forward(step, ref_state)
+        logits, state = model.forward(step, state)
+    assert logits.dtype == torch.float32
+    assert_close_to_reference(logits, ref_logits, f"{dtype} logits", rel=logit_tol)
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert float(kl) <= kl_tol
+    ref_dict = ref_state.to_dict()
+    for name, tensor in state.to_dict().items():
+        want = torch.float32 if name.split(".")[-1].startswith("wkv") else model.dtype
+        assert tensor.dtype == want, f"{name} is {tensor.dtype}"
+        assert_close_to_reference(tensor, ref_dict[name], f"{dtype} {name}", rel=state_tol)
+
+
+def check_deep_fp16(version: str, folder) -> None:
+    """A 24-layer model whose residual stream passes fp16's 65504 in fp32 (deeper layers write
+    larger outputs, as in trained models): fp16 stays finite and close, thanks to halving the
+    residual every 6 layers with matching output weights (the reference's rescale, §8)."""
+    from rwkv_cli import load_model
+    from rwkv_cli.testing import random_state_dict, write_checkpoint
+
+    sd = random_state_dict(version, 24, 64, vocab_size=256, dtype=torch.float32)
+    for i in range(24):
+        sd[f"blocks.{i}.ffn.value.weight"] *= 4000.0 * 2 ** (i // 6)
+    path = write_checkpoint(folder / "deep.pth", sd)
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    fp32 = load_model(path, "cpu", "fp32")
+    residual, _ = fp32.net.blocks(fp32.net.emb[tokens], fp32.zero_state())
+    assert float(residual.abs().max()) > 65504, "the test model must overflow fp16 without rescaling"
+    ref_logits, _ = fp32.forward(tokens)
+    logits, _ = load_model(path, "cpu", "fp16").forward(tokens)
+    assert torch.isfinite(logits).all()
+    assert_close_to_reference(logits, ref_logits, "deep fp16 logits", rel=0.02)

@@ -18,7 +18,16 @@ from rwkv_cli.errors import CheckpointError
 from rwkv_cli.testing import random_state_dict, reference_state_as_dict, write_checkpoint
 from rwkv_cli.wkv56 import _SAFE_RANGE, wkv5_sequence, wkv5_step, wkv6_sequence
 
-from .conftest import assert_close_to_reference, check_prompt_then_steps, parity_tokens, shape_id
+from .conftest import (
+    assert_close_to_reference,
+    check_batch_rows_independent,
+    check_deep_fp16,
+    check_half_precision,
+    check_prompt_then_steps,
+    check_sequence_equals_steps,
+    parity_tokens,
+    shape_id,
+)
 
 # (version, layers, width, vocab): >= 3 layers, head size 64, several heads; two shapes for 5.2, 6
 SHAPES56 = [
@@ -128,27 +137,12 @@ def test_sequence_equals_steps(version, length, chunk, make_ckpt):
     model = load_model(make_ckpt(*SEQ_SHAPES[version]), "cpu", "fp32")
     model.prefill_chunk = chunk
     tokens = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(length))
-    ref_logits, ref_state = stepwise(model, tokens, (version, length))
-    logits, state = model.forward(tokens, full_output=True)
-    assert_close_to_reference(logits, ref_logits, "all-position logits")
-    last, _ = model.forward(tokens)
-    assert_close_to_reference(last, ref_logits[:, -1], "last logits")
-    ref_dict = ref_state.to_dict()
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_dict[name], name)
+    check_sequence_equals_steps(model, tokens, stepwise(model, tokens, (version, length)))
 
 
 @pytest.mark.parametrize("version", ["5.0", "6"])
 def test_batch_rows_are_independent(version, make_ckpt):
-    model = load_model(make_ckpt(*SEQ_SHAPES[version]), "cpu", "fp32")
-    tokens = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(3))
-    batch_logits, batch_state = model.forward(tokens)
-    for b in range(3):
-        alone, alone_state = model.forward(tokens[b : b + 1])
-        assert_close_to_reference(batch_logits[b : b + 1], alone, f"row {b}")
-        row = batch_state.select(b).to_dict()
-        for name, tensor in alone_state.to_dict().items():
-            assert_close_to_reference(row[name], tensor, f"row {b} {name}")
+    check_batch_rows_independent(load_model(make_ckpt(*SEQ_SHAPES[version]), "cpu", "fp32"))
 
 
 def _wkv_inputs(seed, B=2, T=150, H=3, N=64):
@@ -201,49 +195,17 @@ def test_wkv5_parallel_form_equals_steps(chunk):
 # -- half precision -------------------------------------------------------------------------------
 
 # The tolerances of tests/test_dtypes.py (measured errors on these models are well inside them).
-TOLERANCES = {"bf16": (0.05, 2e-3, 0.1), "fp16": (0.01, 1e-4, 0.02)}
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("version", ["5.0", "5.2", "6"])
 def test_half_precision_matches_fp32(version, dtype, make_ckpt):
-    logit_tol, kl_tol, state_tol = TOLERANCES[dtype]
-    path = make_ckpt(version, 4, 256, 1024)
-    ref_model, model = load_model(path, "cpu", "fp32"), load_model(path, "cpu", dtype)
-    tokens = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(0))
-    ref_logits, ref_state = ref_model.forward(tokens)
-    logits, state = model.forward(tokens)
-    for t in range(8):
-        step = tokens[:, t : t + 1]
-        ref_logits, ref_state = ref_model.forward(step, ref_state)
-        logits, state = model.forward(step, state)
-    assert_close_to_reference(logits, ref_logits, f"{dtype} logits", rel=logit_tol)
-    kl = torch.nn.functional.kl_div(
-        logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean"
-    )
-    assert float(kl) <= kl_tol
-    ref_dict = ref_state.to_dict()
-    for name, tensor in state.to_dict().items():
-        assert tensor.dtype == (torch.float32 if name.endswith("wkv") else model.dtype), name
-        assert_close_to_reference(tensor, ref_dict[name], f"{dtype} {name}", rel=state_tol)
+    check_half_precision(make_ckpt(version, 4, 256, 1024), dtype, 1024)
 
 
 @pytest.mark.parametrize("version", ["5.2", "6"])
 def test_deep_fp16_does_not_overflow(version, tmp_path):
-    """A 24-layer model whose residual passes fp16's 65504 in fp32: the reference's rescale (halve
-    the residual every 6 layers, output projections pre-divided) keeps fp16 finite and close."""
-    sd = random_state_dict(version, 24, 64, vocab_size=256, dtype=torch.float32)
-    for i in range(24):
-        sd[f"blocks.{i}.ffn.value.weight"] *= 4000.0 * 2 ** (i // 6)
-    path = write_checkpoint(tmp_path / "deep.pth", sd)
-    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
-    fp32 = load_model(path, "cpu", "fp32")
-    residual, _ = fp32.net.blocks(fp32.net.emb[tokens], fp32.zero_state())
-    assert float(residual.abs().max()) > 65504, "the test model must overflow fp16 without rescaling"
-    ref_logits, _ = fp32.forward(tokens)
-    logits, _ = load_model(path, "cpu", "fp16").forward(tokens)
-    assert torch.isfinite(logits).all()
-    assert_close_to_reference(logits, ref_logits, "deep fp16 logits", rel=0.02)
+    check_deep_fp16(version, tmp_path)
 
 
 # -- states ---------------------------------------------------------------------------------------

@@ -17,9 +17,7 @@ from rwkv_cli.config import infer_config
 from rwkv_cli.errors import CheckpointError, UnsupportedModelError
 from rwkv_cli.testing import random_state_dict, write_checkpoint
 
-from .conftest import assert_close_to_reference, check_prompt_then_steps, parity_tokens, shape_id
-from .test_dtypes import TOLERANCES
-from .test_sequence import stepwise
+from .conftest import check_half_precision, check_prompt_then_steps, check_sequence_equals_steps, parity_tokens, shape_id
 
 # (version, layers, width, vocab): >= 3 layers, head size 64, several heads at C = 256
 SHAPES7A = [("7a", 3, 128, 1024), ("7a", 4, 256, 2048)]
@@ -110,15 +108,7 @@ def test_sequence_equals_steps(length, chunk, make_ckpt, matmul_backend):
     model = load_model(make_ckpt(*SHAPES7A[0]), "cpu", "fp32")
     model.prefill_chunk = chunk
     tokens = torch.randint(0, SHAPES7A[0][3], (2, length), generator=torch.Generator().manual_seed(length))
-    ref_logits, ref_state = stepwise(model, tokens)
-    logits, state = model.forward(tokens, full_output=True)
-    assert_close_to_reference(logits, ref_logits, "all-position logits")
-    last, last_state = model.forward(tokens)
-    assert_close_to_reference(last, ref_logits[:, -1], "last logits")
-    ref_dict = ref_state.to_dict()
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_dict[name], name)
-        assert_close_to_reference(last_state.to_dict()[name], ref_dict[name], f"last-only {name}")
+    check_sequence_equals_steps(model, tokens)
 
 
 def test_blocks_without_token_ids_is_an_error(make_ckpt):
@@ -134,22 +124,5 @@ def test_blocks_without_token_ids_is_an_error(make_ckpt):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_matches_fp32(dtype, make_ckpt):
-    logit_tol, kl_tol, state_tol = TOLERANCES[dtype]
     shape = SHAPES7A[1]
-    path = make_ckpt(*shape)
-    ref_model, model = load_model(path, "cpu", "fp32"), load_model(path, "cpu", dtype)
-    tokens = torch.randint(0, shape[3], (2, 40), generator=torch.Generator().manual_seed(0))
-    ref_logits, ref_state = ref_model.forward(tokens)
-    logits, state = model.forward(tokens)
-    for t in range(8):
-        step = tokens[:, t : t + 1]
-        ref_logits, ref_state = ref_model.forward(step, ref_state)
-        logits, state = model.forward(step, state)
-    assert_close_to_reference(logits, ref_logits, f"{dtype} logits", rel=logit_tol)
-    kl = torch.nn.functional.kl_div(
-        logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean"
-    )
-    assert float(kl) <= kl_tol
-    ref_dict = ref_state.to_dict()
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_dict[name], f"{dtype} {name}", rel=state_tol)
+    check_half_precision(make_ckpt(*shape), dtype, shape[3])

@@ -8,18 +8,13 @@ import torch
 from rwkv_cli import load_model
 from rwkv_cli.wkv import wkv4_sequence, wkv4_step, wkv7_sequence, wkv7_step
 
-from .conftest import assert_close_to_reference
+from .conftest import (
+    assert_close_to_reference,
+    check_batch_rows_independent,
+    check_sequence_equals_steps,
+)
 
 SHAPES = {"7": ("7", 3, 128, 512), "4": ("4", 3, 128, 512)}
-
-
-def stepwise(model, tokens):
-    """Feed [B, T] tokens one at a time; return per-position logits [B, T, V] and the final state."""
-    state, outs = None, []
-    for t in range(tokens.shape[1]):
-        logits, state = model.forward(tokens[:, t : t + 1], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 @pytest.mark.parametrize("version", ["4", "7"])
@@ -29,28 +24,13 @@ def test_sequence_equals_steps(version, length, chunk, make_ckpt):
     model = load_model(make_ckpt(*SHAPES[version]), "cpu", "fp32")
     model.prefill_chunk = chunk
     tokens = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(length))
-    ref_logits, ref_state = stepwise(model, tokens)
-    logits, state = model.forward(tokens, full_output=True)
-    assert_close_to_reference(logits, ref_logits, "all-position logits")
-    last, _ = model.forward(tokens)
-    assert_close_to_reference(last, ref_logits[:, -1], "last logits")
-    ref_dict = ref_state.to_dict()
-    for name, tensor in state.to_dict().items():
-        assert_close_to_reference(tensor, ref_dict[name], name)
+    check_sequence_equals_steps(model, tokens)
 
 
 @pytest.mark.parametrize("version", ["4", "7"])
 def test_batch_rows_are_independent(version, make_ckpt):
-    """Three sequences in one batch give what each gives alone, and a continued batch too."""
-    model = load_model(make_ckpt(*SHAPES[version]), "cpu", "fp32")
-    tokens = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(3))
-    batch_logits, batch_state = model.forward(tokens)
-    for b in range(3):
-        alone, alone_state = model.forward(tokens[b : b + 1])
-        assert_close_to_reference(batch_logits[b : b + 1], alone, f"row {b}")
-        row = batch_state.select(b).to_dict()
-        for name, tensor in alone_state.to_dict().items():
-            assert_close_to_reference(row[name], tensor, f"row {b} {name}")
+    """Three sequences in one batch give what each gives alone."""
+    check_batch_rows_independent(load_model(make_ckpt(*SHAPES[version]), "cpu", "fp32"))
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])

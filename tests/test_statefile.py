@@ -16,7 +16,7 @@ from rwkv_cli import load_model
 from rwkv_cli.sampling import SamplingParams
 from rwkv_cli.session import ChatSession, normalize_message
 from rwkv_cli.statefile import StateFileError, load_state, load_tuned_state, read_meta, save_state
-from rwkv_cli.testing import random_state_dict, write_checkpoint
+from rwkv_cli.testing import write_checkpoint
 from rwkv_cli.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.5)
