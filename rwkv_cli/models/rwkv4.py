@@ -41,6 +41,17 @@ class Layer4:
     halve_after: bool  # fp16 only: halve the residual after this layer
 
 
+def gated_channel_mix(lw, x: torch.Tensor, ffn_shift: torch.Tensor):
+    """The RWKV-4/5 channel-mix (§7.1): sigma(W_r x_r) * W_v relu(W_k x_k)^2, with the v4 token
+    shift x_m = mu_m * x + (1 - mu_m) * prev. Returns (output [B, T, C], new shift [B, C])."""
+    xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
+    prev = token_shift(xx, ffn_shift)
+    xk, xr = torch.addcmul(prev, xx - prev, lw.ffn_mix).unbind(0)
+    r = torch.sigmoid(linear(xr, lw.ffn_receptance))
+    hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
+    return r * linear(hidden, lw.ffn_value), xx[:, -1]
+
+
 class RWKV4(RWKVBase):
     def _fold_ln0(self, tensors) -> torch.Tensor:
         """LN0 in the file's own precision, as the RWKV-4 reference does before any cast: with bf16
@@ -115,12 +126,7 @@ class RWKV4(RWKVBase):
             from ..cuda.prefill import channel_mix4
 
             return channel_mix4(K, self, lw, x, st)
-        xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
-        prev = token_shift(xx, st.ffn_shift)
-        xk, xr = torch.addcmul(prev, xx - prev, lw.ffn_mix).unbind(0)
-        r = torch.sigmoid(linear(xr, lw.ffn_receptance))
-        hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
-        return r * linear(hidden, lw.ffn_value), xx[:, -1]
+        return gated_channel_mix(lw, x, st.ffn_shift)
 
     def step_numpy(self, w, x, st):
         """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32 only, so no rescaling)."""

@@ -27,6 +27,7 @@ from ..ops import linear, linear_fp32_out
 from ..state import RWKV5LayerState, State
 from ..wkv56 import wkv5_sequence, wkv5_step, wkv6_sequence
 from .common import RWKVBase, WeightLoader, np, np_layer_norm, np_sigmoid, token_shift
+from .rwkv4 import gated_channel_mix
 
 # fp16 keeps the residual stream in range by halving it every RESCALE_EVERY layers, with the output
 # projections pre-divided to match; the LayerNorms make this invisible (§8). Same as RWKV-4.
@@ -213,12 +214,7 @@ class RWKV5(MatrixStateRWKV):
 
     def channel_mix(self, lw: Layer5, x, st: RWKV5LayerState):
         """RWKV-4's channel-mix: sigma(W_r x_r) * W_v relu(W_k x_k)^2."""
-        xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
-        prev = token_shift(xx, st.ffn_shift)
-        xk, xr = torch.addcmul(prev, xx - prev, lw.ffn_mix).unbind(0)
-        r = torch.sigmoid(linear(xr, lw.ffn_receptance))
-        hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
-        return r * linear(hidden, lw.ffn_value), xx[:, -1]
+        return gated_channel_mix(lw, x, st.ffn_shift)
 
     def step_numpy(self, w, x, st):
         """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32 only, so no rescaling)."""
