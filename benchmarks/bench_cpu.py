@@ -94,19 +94,12 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from rwkv_cli.testing import random_checkpoint
+    from rwkv_cli.testing import bench_checkpoint, reference_env
 
     results = []
     for spec in args.shapes:
-        version, layers, width, *vocab = spec.split(":")
-        vocab_size = int(vocab[0]) if vocab else (65536 if version == "7" else 50277)
-        path = Path(args.workdir) / f"random-v{version}-L{layers}-C{width}-V{vocab_size}.pth"
-        if not path.exists():
-            random_checkpoint(path, version, int(layers), int(width), vocab_size=vocab_size)
-        env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
-        env.pop("RWKV_V7_ON", None)
-        if version == "7":
-            env["RWKV_V7_ON"] = "1"
+        version, path = bench_checkpoint(args.workdir, spec)
+        env = reference_env(version)
         cmd = [sys.executable, __file__, "--worker", str(path), "--prefill", str(args.prefill),
                "--decode", str(args.decode), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -131,21 +131,12 @@ def ratio(a, b):
 
 
 def run_shapes(args) -> None:
-    from rwkv_cli.testing import random_checkpoint
+    from rwkv_cli.testing import bench_checkpoint, reference_env
 
     results = []
     for spec in args.shapes:
-        version, layers, width, *vocab = spec.split(":")
-        vocab_size = int(vocab[0]) if vocab else (65536 if version == "7" else 50277)
-        path = Path(args.workdir) / f"random-v{version}-L{layers}-C{width}-V{vocab_size}.pth"
-        if not path.exists():
-            t0 = time.perf_counter()
-            random_checkpoint(path, version, int(layers), int(width), vocab_size=vocab_size)
-            print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="1")
-        env.pop("RWKV_V7_ON", None)
-        if version == "7":
-            env["RWKV_V7_ON"] = "1"
+        version, path = bench_checkpoint(args.workdir, spec)
+        env = reference_env(version, cuda=True)
         batch = [BATCHED[spec][0]] if spec in BATCHED and not args.no_batch else []
         cmd = [sys.executable, __file__, "--worker", str(path), "--prefill", str(args.prefill), "--decode",
                str(args.decode), "--warmup", str(args.warmup), "--rounds", str(args.rounds),

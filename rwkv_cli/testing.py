@@ -221,7 +221,6 @@ def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: 
     (RWKV_V7_ON=1), "7a" its DeepEmbed variant (also RWKV_DE_VERSION=1), anything else the legacy class.
     """
     import json
-    import os
     import subprocess
     import sys
 
@@ -234,19 +233,37 @@ def run_reference(version: str, jobs: list[dict], workdir: str | Path, timeout: 
         full.append({"strategy": "cpu fp32", **job, "out": str(workdir / f"reference-{version}-{n}.safetensors")})
     spec = workdir / f"reference-jobs-{version}.json"
     spec.write_text(json.dumps(full))
-    extra_env = env
-    env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkv_cli._reference_worker", str(spec)],
+        env={**reference_env(version), **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference engine failed:\n{proc.stderr[-3000:]}")
+    return [load_file(job["out"]) for job in full]
+
+
+def reference_env(version: str, cuda: bool = False) -> dict[str, str]:
+    """The environment BlinkDL's `rwkv` package must be imported under for `version`: it picks its
+    class at import time (RWKV_V7_ON for RWKV-7, RWKV_DE_VERSION for 7a DeepEmbed), so one process
+    runs one family. `cuda` also builds its CUDA extension (RWKV_CUDA_ON=1: needs nvcc and ninja)."""
+    import os
+
+    env = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="1" if cuda else "0")
     env.pop("RWKV_V7_ON", None)
     env.pop("RWKV_DE_VERSION", None)
     if version in ("7", "7a"):
         env["RWKV_V7_ON"] = "1"
     if version == "7a":
         env["RWKV_DE_VERSION"] = "1"
-    env.update(extra_env or {})
-    proc = subprocess.run(
-        [sys.executable, "-m", "rwkv_cli._reference_worker", str(spec)],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"reference engine failed:\n{proc.stderr[-3000:]}")
-    return [load_file(job["out"]) for job in full]
+    return env
+
+
+def bench_checkpoint(workdir: str | Path, spec: str) -> tuple[str, Path]:
+    """A benchmark's random checkpoint for "VERSION:LAYERS:WIDTH[:VOCAB]", written once into
+    `workdir` and reused. The vocabulary defaults to the family's: 50277 for RWKV-4, else 65536."""
+    version, layers, width, *vocab = spec.split(":")
+    vocab_size = int(vocab[0]) if vocab else (50277 if version == "4" else 65536)
+    path = Path(workdir) / f"random-v{version}-L{layers}-C{width}-V{vocab_size}.pth"
+    if not path.exists():
+        random_checkpoint(path, version, int(layers), int(width), vocab_size=vocab_size)
+    return version, path
