@@ -90,15 +90,14 @@ class Model:
         step = self.prefill_chunk
         if step == DEFAULT_PREFILL_CHUNK and tokens.is_cuda:  # GPU: longer chunks amortise launches
             step = self.net.gpu_prefill_chunk()
-        for t0 in range(0, tokens.shape[1], step):
-            chunk = tokens[:, t0 : t0 + step]
-            with cpu_forward_threads(self.net.emb):
-                logits, state = self.net.forward(chunk, state, full_output)
-            outs.append(logits)
-        logits = torch.cat(outs, 1) if full_output else outs[-1]
-        logits = logits.float()
-        if check_finite and not bool(torch.isfinite(logits.sum())):  # NaN or inf anywhere shows in the sum
-            raise non_finite_error(self.dtype)
+        with cpu_forward_threads(self.net.emb):  # the finiteness sum too: it runs right after BLAS
+            for t0 in range(0, tokens.shape[1], step):
+                logits, state = self.net.forward(tokens[:, t0 : t0 + step], state, full_output)
+                outs.append(logits)
+            logits = torch.cat(outs, 1) if full_output else outs[-1]
+            logits = logits.float()
+            if check_finite and not bool(torch.isfinite(logits.sum())):  # NaN or inf anywhere shows in the sum
+                raise non_finite_error(self.dtype)
         return logits, state
 
     def _as_batch(self, tokens) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import Model, non_finite_error
+from .ops import cpu_forward_threads
 from .sampling import Sampler, SamplingParams, uncounted_tokens
 from .state import State
 
@@ -121,7 +122,8 @@ class Generation:
         eos = getattr(tok, "eos_id", 0) if self.stop_at_eos else None
         t0 = time.perf_counter()
         while self.max_tokens < 0 or len(self.tokens) < self.max_tokens:
-            sampled = sampler.sample_ids(self.logits)
+            with cpu_forward_threads(self.logits):  # no fight with BLAS's spinning threads
+                sampled = sampler.sample_ids(self.logits)
             if sampled is None:
                 raise non_finite_error(model.dtype)
             token = sampled[0]
@@ -196,7 +198,8 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
         out = {i: {"tokens": [], "text": ""} for i in group}
         t0 = time.perf_counter()
         while active:
-            tokens = sampler.sample_ids(logits)
+            with cpu_forward_threads(logits):
+                tokens = sampler.sample_ids(logits)
             if tokens is None:
                 raise non_finite_error(model.dtype)
             keep, finished = [], []

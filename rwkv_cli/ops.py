@@ -72,7 +72,8 @@ def batched_matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def cpu_forward_threads(x: torch.Tensor):
-    """Run torch single-threaded around a forward whose products NumPy's BLAS will do."""
+    """Run torch single-threaded around work next to NumPy BLAS calls (a forward whose products it
+    does, the sampling right after it): BLAS workers keep spinning after a call."""
     if not _numpy_applies(x) or torch.get_num_threads() == 1:
         yield
         return

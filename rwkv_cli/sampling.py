@@ -81,7 +81,6 @@ class Sampler:
         col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(p, name) for p in self.params], dtype=dtype, device=device
         ).view(B, 1)
-        self.temperature = col("temperature")
         self.top_p, self.top_k, self.min_p = col("top_p"), col("top_k", torch.long), col("min_p")
         self.presence, self.frequency, self.decay = col("presence_penalty"), col("frequency_penalty"), col("penalty_decay")
         self.counts = torch.zeros(B, vocab_size, device=device)
@@ -104,7 +103,7 @@ class Sampler:
     def select(self, rows: list[int]) -> None:
         """Keep only these sequences (others finished), in this order."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.counts.device)
-        for name in ("temperature", "top_p", "top_k", "min_p", "presence", "frequency", "decay", "counts", "seen", "ban"):
+        for name in ("top_p", "top_k", "min_p", "presence", "frequency", "decay", "counts", "seen", "ban"):
             setattr(self, name, getattr(self, name)[idx])
         self.params = [self.params[i] for i in rows]
         self.generators = [self.generators[i] for i in rows]

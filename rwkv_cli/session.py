@@ -138,7 +138,6 @@ class ChatSession:
     def _follow(self, ex: Exchange, gen: Generation) -> Iterator[str]:
         """Stream a Generation into the exchange, keeping the session's state current even if the
         consumer stops early (Ctrl-C)."""
-        counted = 0
         try:
             for piece in gen:
                 ex.reply += piece

@@ -109,7 +109,7 @@ def test_pytorch_model_bin_repo_offline(cache, tmp_path):
 
     from rwkv_cli.cli.common import load_model_for_cli
 
-    _, tok, _ = load_model_for_cli("RWKV/rwkv-4-tiny-pile", None, True, "cpu", "fp32", quiet=True)
+    _, tok = load_model_for_cli("RWKV/rwkv-4-tiny-pile", None, True, "cpu", "fp32", quiet=True)
     assert tok.vocab_size == 200  # the repo's own tokenizer.json, found beside the weights
 
 

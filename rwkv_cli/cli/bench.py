@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import Device, Dtype, Model, Offline, Revision, err
+from .common import Device, Dtype, Model, Offline, Revision, err, load_model_for_cli
 
 Prompt = Annotated[list[int], typer.Option("--prompt", "-p", help="Prompt lengths to time (repeatable).", rich_help_panel="Bench")]
 Gen = Annotated[list[int], typer.Option("--gen", "-n", help="Generated tokens to time (repeatable).", rich_help_panel="Bench")]
@@ -103,13 +103,8 @@ def bench(
     """
     import torch
 
-    from ..engine import load_model
-    from ..hub import resolve_model_option
-
-    # Like load_model_for_cli, without the tokenizer: timing needs none, and an offline machine
-    # may not have a GPT-NeoX tokenizer cached.
-    resolved = resolve_model_option(model, offline=offline, revision=revision)
-    m = load_model(resolved.path, device=device, dtype=dtype)
+    # No tokenizer: timing needs none, and an offline machine may not have GPT-NeoX's cached.
+    m, _ = load_model_for_cli(model, revision, offline, device, dtype, quiet=True, tokenizer=False)
     dev = m.device
     weights = sum(t.numel() * t.element_size() for t in m.net._all_tensors())
     dtype_name = str(m.dtype).replace("torch.", "")
@@ -120,7 +115,7 @@ def bench(
 
         backend = describe_backend(dev)
         where = torch.cuda.get_device_name(dev)
-    err(f"{resolved.source}: {m.cfg.describe()}; {where} {dtype_name}; weights {weights / 2**30:.2f} GiB; kernels: {backend}")
+    err(f"{m.source}: {m.cfg.describe()}; {where} {dtype_name}; weights {weights / 2**30:.2f} GiB; kernels: {backend}")
 
     rows = []
     for B in batch:

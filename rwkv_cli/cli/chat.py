@@ -77,8 +77,7 @@ def chat(
     from ..session import ChatSession
     from ..statefile import load_state, load_tuned_state
 
-    net, tok, resolved = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
-    net.source = resolved.source
+    net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
     family = "world" if getattr(tok, "name", "") == "world" or net.cfg.version == "7" else "pile"
     defaults = dict(CHAT_DEFAULTS[family])
     if init_state is not None:  # a tuned state wants less randomness (ChatRWKV)

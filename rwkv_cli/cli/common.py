@@ -47,19 +47,22 @@ def sampling_params(defaults: dict, **flags):
         raise typer.BadParameter(str(e)) from None
 
 
-def load_model_for_cli(model: str | None, revision: str | None, offline: bool, device: str, dtype: str, quiet: bool = False):
-    """Resolve the spec, load the weights and the tokenizer; returns (model, tokenizer, resolved)."""
+def load_model_for_cli(model: str | None, revision: str | None, offline: bool, device: str, dtype: str,
+                       quiet: bool = False, tokenizer: bool = True):
+    """Resolve the spec and load the weights (`Model.source` set to how the spec resolved) and,
+    unless `tokenizer=False`, the model's tokenizer. Returns (model, tokenizer or None)."""
     from ..engine import load_model
     from ..hub import resolve_model_option
     from ..tokenizer import load_tokenizer_for
 
     resolved = resolve_model_option(model, offline=offline, revision=revision)
     loaded = load_model(resolved.path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer_for(resolved.path, loaded.cfg.vocab_size, offline=offline or None)
+    loaded.source = resolved.source
+    tok = load_tokenizer_for(resolved.path, loaded.cfg.vocab_size, offline=offline or None) if tokenizer else None
     if not quiet:
         dtype_name = str(loaded.dtype).replace("torch.", "")
         err(f"loaded {resolved.source}: {loaded.cfg.describe()} on {loaded.device} {dtype_name} ({loaded.load_seconds:.1f} s)")
-    return loaded, tokenizer, resolved
+    return loaded, tok
 
 
 def read_stdin_text() -> str | None:

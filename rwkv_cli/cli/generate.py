@@ -62,13 +62,12 @@ def generate(
         if prompt is not None or file is not None:
             raise typer.BadParameter("--batch takes its prompts from the file; give no prompt or --file")
         lines = _read_batch_file(batch)
-        net, tok, _ = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
+        net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
         size = batch_size or (64 if net.device.type == "cuda" else 8)
         _run_batch(net, tok, lines, params, max_tokens, tuple(stop or ()), size, not ignore_eos)
         return
     text = _prompt_text(prompt, file, allow_empty=state is not None)
-    net, tok, resolved = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
-    net.source = resolved.source
+    net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
     from ..generate import Generation
 
     start_state = start_logits = None

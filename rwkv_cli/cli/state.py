@@ -50,8 +50,7 @@ def save(
         text = prompt
     if not text:
         raise typer.BadParameter("the text is empty")
-    net, tok, resolved = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
-    net.source = resolved.source
+    net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
     ids = tok.encode(text)
     t0 = time.perf_counter()
     try:
