@@ -81,7 +81,7 @@ class Model:
         Non-finite logits raise NonFiniteError; `check_finite=False` leaves that to the caller (the
         check waits for a GPU to finish, so decoding loops fold it into the sampler's transfer).
         """
-        tokens = self._as_batch(tokens)
+        tokens = self._as_batch(tokens, full_output)
         if state is None:
             state = self.zero_state(tokens.shape[0])
         elif state.batch_size != tokens.shape[0]:
@@ -100,19 +100,26 @@ class Model:
                 raise non_finite_error(self.dtype)
         return logits, state
 
-    def _as_batch(self, tokens) -> torch.Tensor:
+    def _as_batch(self, tokens, full_output: bool = False) -> torch.Tensor:
+        V = self.cfg.vocab_size
         if not isinstance(tokens, torch.Tensor):
             if len(tokens) == 0:
                 raise ValueError("no tokens given")
-            if isinstance(tokens[0], int):
-                tokens = [tokens]
-            tokens = torch.tensor(tokens, dtype=torch.long)
-        if tokens.dim() == 1:
-            tokens = tokens.unsqueeze(0)
+            rows = [tokens] if isinstance(tokens[0], int) else tokens
+            # checked here, in Python: a tensor's min/max cost more than a decoding step's work
+            if any(len(r) == 0 for r in rows) or not all(0 <= t < V for r in rows for t in r):
+                bad = "rows of no tokens" if any(len(r) == 0 for r in rows) else f"token ids outside [0, {V})"
+                raise ValueError(f"tokens must be [B, T] with T >= 1 and ids in [0, {V}): got {bad}")
+            tokens = torch.tensor(rows, dtype=torch.long)
+        else:
+            if tokens.dim() == 1:
+                tokens = tokens.unsqueeze(0)
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+                raise ValueError(f"token ids must lie in [0, {V})")
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {list(tokens.shape)}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+        if tokens.shape[1] == 1 and not full_output and self.device.type == "cuda" and not tokens.is_cuda:
+            return tokens  # a decoding step: the CUDA graph copies ids in through pinned memory
         return tokens.to(self.device)
 
 

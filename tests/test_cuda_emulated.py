@@ -216,3 +216,39 @@ def test_deep_embed_stays_on_the_torch_path(make_ckpt, emulated, monkeypatch, ca
     assert torch.allclose(logits, ref_logits.float(), rtol=0, atol=1e-5 * float(ref_logits.abs().max()))
     for a, b in zip(new.tensors(), ref_state.tensors()):
         assert torch.allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("version", ["7", "4"])
+def test_decoding_buffers_are_reused_only_when_nobody_holds_them(make_ckpt, emulated, version):
+    """graph.GraphStep hands out its destination buffer as the new state (no copy). A loop that
+    drops each state ping-pongs between two buffers; states the caller keeps (whole, or a single
+    view of one) are never written again, and every step still equals the PyTorch path."""
+    from rwkv_cli.cuda.graph import GraphStep
+
+    net = load_model(make_ckpt(version, 3, 128, 512), device="cpu", dtype="fp32").net
+    toks = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    _, start = net.forward_torch(toks[:, :5], net.zero_state(2))
+    net._kernels = lambda: emulated
+    step = GraphStep(net, 2, use_graph=False)
+    del net._kernels
+    st, ref = start, start
+    for t in range(5, 15):
+        logits, st = step(toks[:, t : t + 1], st)
+        ref_logits, ref = net.forward_torch(toks[:, t : t + 1], ref)
+        assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-4 * float(ref_logits.abs().max()))
+    assert len(step.buffers) == 2 and len(step.steps) == 2
+    kept, views = [], []
+    for t in range(15, 40):
+        _, st = step(toks[:, t : t + 1], st)
+        if t % 5 == 0:
+            kept.append((st, [x.clone() for x in st.tensors()]))
+        elif t % 5 == 2:
+            views.append((st.layers[1].ffn_shift, st.layers[1].ffn_shift.clone()))
+    for held, copy in kept:
+        assert all(torch.equal(a, b) for a, b in zip(held.tensors(), copy))
+    for view, copy in views:
+        assert torch.equal(view, copy)
+    assert len(step.buffers) <= 3
+    # the start state was copied in, never written
+    _, again = net.forward_torch(toks[:, :5], net.zero_state(2))
+    assert all(torch.equal(a, b) for a, b in zip(start.tensors(), again.tensors()))

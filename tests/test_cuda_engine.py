@@ -70,11 +70,13 @@ def test_graph_replay_equals_eager_and_snapshots_stay_valid(make_ckpt, version):
     runs = {}
     for use_graph in (True, False):
         step = GraphStep(model.net, 2, use_graph=use_graph)
-        assert step.backend == "cuda" and (step.graph is not None) == use_graph
         st, logits = s0, []
         for t in range(12, 20):
             lg, st = step(toks[:, t : t + 1].cuda(), st)
             logits.append(lg)
+        assert step.backend == "cuda" and step.use_graph == use_graph
+        # a loop that drops each state ping-pongs between two buffers and two captured steps
+        assert len(step.buffers) == 2 and len(step.steps) == 2
         runs[use_graph] = logits, st
     for t, (lg, le) in enumerate(zip(runs[True][0], runs[False][0])):
         assert torch.equal(lg, le), f"step {t}: graph and eager launches differ"
@@ -96,6 +98,21 @@ def test_graph_replay_equals_eager_and_snapshots_stay_valid(make_ckpt, version):
     l2b, _ = model.forward(toks[:, 13:14], s1)
     assert torch.equal(l1, l1b) and torch.equal(l2, l2b)
     assert all(torch.equal(a, b) for a, b in zip(before, s0.tensors()))
+    # states kept by the caller (chat snapshots), whole or as a single view, are never overwritten
+    step, st, kept, views = GraphStep(model.net, 2), s0, [], []
+    for t in range(12, 20):
+        _, st = step(toks[:, t : t + 1].cuda(), st)
+        if t % 2:
+            kept.append((st, [x.clone() for x in st.tensors()]))
+        else:
+            views.append((st.layers[-1].ffn_shift, st.layers[-1].ffn_shift.clone()))
+    for _ in range(6):
+        _, st = step(toks[:, 19:20].cuda(), st)
+    for held, copy in kept:
+        assert all(torch.equal(a, b) for a, b in zip(held.tensors(), copy))
+    for view, copy in views:
+        assert torch.equal(view, copy)
+    assert len(step.buffers) <= 3
 
 
 @needs_gpu

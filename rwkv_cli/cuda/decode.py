@@ -1,15 +1,16 @@
 """One decoding step (T = 1) for B sequences from the fused kernels, on static buffers.
 
-`build_step(net, K, state, tokens, logits)` returns a function of no arguments that reads the
-token ids in `tokens` [B] and the state in `state` (updated in place), and writes fp32 logits [B, V].
-Every launch and its arguments are prepared once, so the function is what a CUDA graph captures.
+`build_step(net, K, src, dst, tokens, logits)` returns a function of no arguments that reads the
+token ids in `tokens` [B] and the state `src`, and writes the new state into `dst` (a different
+set of buffers: nothing is updated in place) and fp32 logits [B, V] into `logits`. Every launch
+and its arguments are prepared once, so the function is what a CUDA graph captures.
 
 Launches per layer (RWKV-7, B <= 4 in fp16/bf16): one gemv launch for r, k, v and the four LoRA
-down-projections, each staging LN1 + its token-shift mix itself; one for the four LoRA
-up-projections (tanh / sigmoid on their inputs); the fused WKV step (decay, keys, delta-rule
-update, readout, GroupNorm, bonus, gate); the output projection with the residual add (and the
-att_shift update as a side copy); the FFN key with LN2 + mix staged and relu^2; the FFN value
-with the residual add (and the ffn_shift update). Six launches; RWKV-4 has five. For larger
+down-projections, each staging LN1 + its token-shift mix itself (the first block also writes the
+LayerNorm output, the next token's shift, into `dst`); one for the four LoRA up-projections
+(tanh / sigmoid on their inputs); the fused WKV step (decay, keys, delta-rule update, readout,
+GroupNorm, bonus, gate); the output projection with the residual add; the FFN key with LN2 + mix
+staged and relu^2; the FFN value with the residual add. Six launches; RWKV-4 has five. For larger
 batches and fp32, a separate ln_mix launch feeds cuBLAS products (`twins.gemv_torch`).
 """
 
@@ -54,22 +55,18 @@ class _Builder:
         C = x.shape[-1]
         self.ops.append(lambda: kern(self.B, 256, x, shift, w, b, mix, out, xx_out, shift_out, 1, C, n, int(v4_order)))
 
-    def normed(self, x, shift, ln, mixes, v4_order, xx):
-        """Inputs of the products after a LayerNorm: with `fused`, LayerNorm + token shift become
-        the staging of each product (`in_act` 3/4) and xx lands in `xx` for a later side copy into
-        `shift`; else one ln_mix launch writes the mixed inputs and updates `shift` in place.
-        Returns, per mix vector, the keyword arguments of a Seg."""
+    def normed(self, x, shift, ln, mixes, v4_order, shift_out):
+        """Inputs of the products after a LayerNorm, with the token shift from `shift` (the previous
+        token's LayerNorm output); this token's goes to `shift_out`. With `fused`, LayerNorm + token
+        shift become the staging of each product (`in_act` 3/4); else one ln_mix launch writes the
+        mixed inputs. Returns, per mix vector, the keyword arguments of a Seg."""
         if self.fused:
             act = 4 if v4_order else 3
-            return [dict(x=x, in_act=act, shift=shift, ln=ln, mix=m, xx_out=xx if i == 0 else None)
+            return [dict(x=x, in_act=act, shift=shift, ln=ln, mix=m, xx_out=shift_out if i == 0 else None)
                     for i, m in enumerate(mixes.unbind(0))]
         out = self.buf(mixes.shape[0], self.B, x.shape[-1])
-        self.ln_mix(x, shift, *ln, mixes, v4_order, out=out, shift_out=shift)
+        self.ln_mix(x, shift, *ln, mixes, v4_order, out=out, shift_out=shift_out)
         return [dict(x=o) for o in out.unbind(0)]
-
-    def side_copy(self, xx, shift):
-        """(src, dst) for the launch after the one that read `shift` (fused path only)."""
-        return (xx, shift) if self.fused else None
 
     def embed_and_head(self, tokens, logits, body):
         """x = emb[tokens]; the layers (`body(x)`); logits = head(LN_out(x))."""
@@ -95,18 +92,18 @@ class _Builder:
         return step
 
 
-def build_step7(net, K, state, tokens, logits):
+def build_step7(net, K, src, dst, tokens, logits):
     cfg = net.cfg
     b = _Builder(net, K, tokens.shape[0])
     B, C, H = b.B, cfg.n_embd, cfg.n_head
-    r, k, v, wz, az, vz, g, vf, y, xx_att, xx_ffn = (b.buf(B, C) for _ in range(11))
+    r, k, v, wz, az, vz, g, vf, y = (b.buf(B, C) for _ in range(9))
     hidden = b.buf(B, net.layers[0].ffn_key.shape[0])
 
     def body(x):
-        for lw, st in zip(net.layers, state.layers):
+        for lw, st, new in zip(net.layers, src.layers, dst.layers):
             first = lw.v0 is None
             lo = {n: b.buf(B, getattr(lw, n + "1").shape[0]) for n in ("w", "a", "v", "g") if not (first and n == "v")}
-            ir, ik, iv, iw, ia, ig = b.normed(x, st.att_shift, lw.ln1, lw.mix.view(6, C), False, xx_att)
+            ir, ik, iv, iw, ia, ig = b.normed(x, st.att_shift, lw.ln1, lw.mix.view(6, C), False, new.att_shift)
             b.products([Seg(W=lw.W_r, y=r, **ir), Seg(W=lw.W_k, y=k, **ik), Seg(W=lw.W_v, y=v, **iv),
                         Seg(W=lw.w1, y=lo["w"], **iw), Seg(W=lw.a1, y=lo["a"], **ia), Seg(W=lw.g1, y=lo["g"], **ig)]
                        + ([] if first else [Seg(W=lw.v1, y=lo["v"], **iv)]))
@@ -114,47 +111,47 @@ def build_step7(net, K, state, tokens, logits):
                        + ([] if first else [Seg(lo["v"], lw.v2, vz)]))
             kern = K.get(f"wkv7_step_{kops.SUFFIX[b.dt]}")
             args = (r, k, v, wz, az, None if first else vz, g, vf, int(first), lw.w0, lw.a0,
-                    lw.v0, lw.k_k, lw.k_a, lw.r_k, *lw.ln_x, st.wkv, st.wkv, y, H)
+                    lw.v0, lw.k_k, lw.k_a, lw.r_k, *lw.ln_x, st.wkv, new.wkv, y, H)
             b.ops.append(lambda kern=kern, args=args: kern(B * H, 256, *args))
-            b.products([Seg(y, lw.W_o, x, res=x, copy=b.side_copy(xx_att, st.att_shift))])
-            (fk,) = b.normed(x, st.ffn_shift, lw.ln2, lw.ffn_mix.view(1, C), False, xx_ffn)
+            b.products([Seg(y, lw.W_o, x, res=x)])
+            (fk,) = b.normed(x, st.ffn_shift, lw.ln2, lw.ffn_mix.view(1, C), False, new.ffn_shift)
             b.products([Seg(W=lw.ffn_key, y=hidden, out_act=1, **fk)])
-            b.products([Seg(hidden, lw.ffn_value, x, res=x, copy=b.side_copy(xx_ffn, st.ffn_shift))])
+            b.products([Seg(hidden, lw.ffn_value, x, res=x)])
 
     b.embed_and_head(tokens, logits, body)
     return b.function()
 
 
-def build_step4(net, K, state, tokens, logits):
+def build_step4(net, K, src, dst, tokens, logits):
     cfg = net.cfg
     b = _Builder(net, K, tokens.shape[0])
     B, C, A = b.B, cfg.n_embd, cfg.dim_att
     k, v = b.buf(B, A, dtype=torch.float32), b.buf(B, A, dtype=torch.float32)
-    r, rwkv, xx_att, xx_ffn = b.buf(B, A), b.buf(B, A), b.buf(B, C), b.buf(B, C)
+    r, rwkv = b.buf(B, A), b.buf(B, A)
     hidden, rr = b.buf(B, net.layers[0].ffn_key.shape[0]), b.buf(B, C)
 
     def body(x):
-        for lw, st in zip(net.layers, state.layers):
-            ik, iv, ir = b.normed(x, st.att_shift, lw.ln1, lw.att_mix.view(3, C), True, xx_att)
+        for lw, st, new in zip(net.layers, src.layers, dst.layers):
+            ik, iv, ir = b.normed(x, st.att_shift, lw.ln1, lw.att_mix.view(3, C), True, new.att_shift)
             b.products([Seg(W=lw.W_k, y=k, **ik), Seg(W=lw.W_v, y=v, **iv), Seg(W=lw.W_r, y=r, out_act=2, **ir)])
             kern = K.get(f"wkv4_step_{kops.SUFFIX[b.dt]}")
             args = (lw.decay, lw.bonus, k, v, r, st.wkv_num, st.wkv_den, st.wkv_max, rwkv,
-                    st.wkv_num, st.wkv_den, st.wkv_max, B, A)
+                    new.wkv_num, new.wkv_den, new.wkv_max, B, A)
             b.ops.append(lambda kern=kern, args=args: kern(-(-B * A // 256), 256, *args))
-            b.products([Seg(rwkv, lw.W_o, x, res=x, copy=b.side_copy(xx_att, st.att_shift))])
-            fk, fr = b.normed(x, st.ffn_shift, lw.ln2, lw.ffn_mix.view(2, C), True, xx_ffn)
+            b.products([Seg(rwkv, lw.W_o, x, res=x)])
+            fk, fr = b.normed(x, st.ffn_shift, lw.ln2, lw.ffn_mix.view(2, C), True, new.ffn_shift)
             b.products([Seg(W=lw.ffn_key, y=hidden, out_act=1, **fk), Seg(W=lw.ffn_receptance, y=rr, out_act=2, **fr)])
-            b.products([Seg(hidden, lw.ffn_value, x, res=x, gate=rr, scale=0.5 if lw.halve_after else 1.0,
-                            copy=b.side_copy(xx_ffn, st.ffn_shift))])
+            b.products([Seg(hidden, lw.ffn_value, x, res=x, gate=rr, scale=0.5 if lw.halve_after else 1.0)])
 
     b.embed_and_head(tokens, logits, body)
     return b.function()
 
 
-def build_step(net, K, state, tokens, logits):
-    """The kernel decoding step for this model, or None where the kernels do not apply."""
-    if net.cfg.version == "7":
-        if net.cfg.head_size != kops.HEAD_SIZE or net.cfg.variant == "7a":  # no DeepEmbed kernels
-            return None
-        return build_step7(net, K, state, tokens, logits)
-    return build_step4(net, K, state, tokens, logits)
+def kernels_apply(cfg) -> bool:
+    """Whether the fused decoding step covers this model (not RWKV-7a's DeepEmbed, head size 64)."""
+    return cfg.version == "4" or (cfg.version == "7" and cfg.head_size == kops.HEAD_SIZE and cfg.variant != "7a")
+
+
+def build_step(net, K, src, dst, tokens, logits):
+    """The kernel decoding step for this model (state `src` -> `dst`); see `kernels_apply`."""
+    return (build_step7 if net.cfg.version == "7" else build_step4)(net, K, src, dst, tokens, logits)

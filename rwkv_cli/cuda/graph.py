@@ -1,19 +1,21 @@
 """Decoding steps replayed from CUDA graphs, so small models are not bound by launch latency.
 
-A `GraphStep` owns static buffers for one batch size B: token ids, logits and a state held in two
-flat tensors (the shift vectors in the activation dtype, the WKV state in fp32). Its step (the
-fused kernels of `decode.py`, or the PyTorch path when they are unavailable) updates that state in
-place and is captured once. A call copies the caller's state in (nothing to copy when it is the
-state the previous call returned), replays the graph, and hands out *copies*: fresh logits and a
-fresh State whose tensors are views of two new flat tensors. States given out earlier are never
-touched again, so snapshots stay valid (the engine's functional contract).
+A `GraphStep` serves one batch size B. It owns static token ids and logits, and a small pool of
+state buffers, each a State laid out in two flat tensors (the shift vectors in the activation
+dtype, the WKV state in fp32). A step reads one buffer and writes another (the fused kernels of
+`decode.py`, or the PyTorch path when they are unavailable), and is captured once per (source,
+destination) pair. The State handed out *is* the destination buffer: no copy. A buffer is written
+again only once nothing outside holds any of its tensors (storage use counts tell), so states
+given out earlier never change (the engine's functional contract). A decoding loop that drops
+each state when it gets the next ping-pongs between two buffers and two graphs; a state the caller
+keeps (a chat snapshot) makes its buffer leave the pool, and a new one takes its place.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -65,72 +67,151 @@ class FlatState:
         torch._foreach_copy_(dsts, srcs)
 
 
+MAX_BUFFERS = 3  # state buffers per batch size (a loop needs two; the third spares a re-capture)
+
+
+def _users(flat) -> list[int]:
+    """How many tensors share each flat tensor's storage (views included)."""
+    return [torch._C._storage_Use_Count(t.untyped_storage()._cdata) for t in flat]
+
+
+class _Buffer:
+    """One flat state buffer (act, f32) of the pool. `idle` counts the tensors of ours that share
+    its storage (the pool's, and views that prepared steps point into): more means it is held."""
+
+    def __init__(self, layout: FlatState, slot: int):
+        self.flat, self.slot = layout.empty(), slot
+        self.idle = _users(self.flat)
+
+    def free(self) -> bool:
+        return _users(self.flat) == self.idle
+
+
 class GraphStep:
-    """The decoding step of `net` for B sequences, captured as a CUDA graph (or run eagerly if
-    capture fails). Call with token ids [B, 1] and a State; returns (fp32 logits [B, V], State)."""
+    """The decoding step of `net` for B sequences, captured as CUDA graphs (or run eagerly if
+    capture fails). Call with token ids [B, 1] (on any device) and a State; returns
+    (fp32 logits [B, V], new State)."""
 
     def __init__(self, net, B: int, use_graph: bool = True):
         from . import decode, loader
 
-        cfg = net.cfg
-        self.layout = FlatState(cfg, B, net.dtype, net.device)
-        self.state = self.layout.state(*self.layout.empty())
-        for t in self.state.tensors():
-            t.zero_()
+        self.net, self.B, self.use_graph = net, B, use_graph
+        self.layout = FlatState(net.cfg, B, net.dtype, net.device)
         self.tokens = torch.zeros(B, dtype=torch.long, device=net.device)
-        self.logits = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=net.device)
-        K = loader.kernels_for(net.device)
-        step = decode.build_step(net, K, self.state, self.tokens, self.logits) if K is not None else None
-        self.backend = "cuda" if step is not None else "torch"
-        self.run = step or self._torch_step(net)
-        self.graph = None
-        self._last = None
-        if use_graph:
-            self.graph = self._capture()
+        if net.device.type == "cuda":  # ids from the host go through pinned memory: no synchronous copy
+            self.tokens_host = torch.zeros(B, dtype=torch.long, pin_memory=True)
+            self.tokens_copied = torch.cuda.Event()  # the pinned ids may be rewritten once it has passed
+        self.logits = torch.zeros(B, net.cfg.vocab_size, dtype=torch.float32, device=net.device)
+        self.K = loader.kernels_for(net.device) if decode.kernels_apply(net.cfg) else None
+        self.backend = "cuda" if self.K is not None else "torch"
+        self.buffers: list[_Buffer] = []
+        # (src slot, dst slot) -> (replay or step function, views it holds per slot)
+        self.steps: dict[tuple[int, int], tuple[object, dict[int, list[int]]]] = {}
 
-    def _torch_step(self, net):
+    # -- buffers ---------------------------------------------------------------------------------
+    def _free_buffer(self, exclude: _Buffer | None) -> _Buffer:
+        for buf in self.buffers:
+            if buf is not exclude and buf.free():
+                return buf
+        if len(self.buffers) < MAX_BUFFERS:
+            self.buffers.append(_Buffer(self.layout, len(self.buffers)))
+            return self.buffers[-1]
+        old = next(b for b in self.buffers if b is not exclude)
+        return self._replace(old)
+
+    def _replace(self, old: _Buffer) -> _Buffer:
+        """`old` is held outside: it leaves the pool (its holders keep it alive) for a new buffer,
+        and the steps pointing into it go, with the views they held of their other buffer."""
+        for key in [k for k in self.steps if old.slot in k]:
+            _, held = self.steps.pop(key)
+            for slot, counts in held.items():
+                if slot != old.slot:
+                    buf = self.buffers[slot]
+                    buf.idle = [i - c for i, c in zip(buf.idle, counts)]
+        self.buffers[old.slot] = _Buffer(self.layout, old.slot)
+        return self.buffers[old.slot]
+
+    def _buffer_of(self, state: State) -> _Buffer | None:
+        flat = getattr(state, "_flat", None)
+        if flat is not None:
+            for buf in self.buffers:
+                if buf.flat[0] is flat[0] and buf.flat[1] is flat[1]:
+                    return buf
+        return None
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _step(self, src: _Buffer, dst: _Buffer):
+        key = (src.slot, dst.slot)
+        if key not in self.steps:
+            before = {b.slot: _users(b.flat) for b in (src, dst)}
+            src_state, dst_state = self.layout.state(*src.flat), self.layout.state(*dst.flat)
+            if self.K is not None:
+                from . import decode
+
+                run = decode.build_step(self.net, self.K, src_state, dst_state, self.tokens, self.logits)
+            else:
+                run = self._torch_step(src_state, dst_state)
+            graph = self._capture(run, src) if self.use_graph else None
+            del src_state, dst_state
+            gc.collect()  # builders hold reference cycles: count only the views that stay
+            held = {b.slot: [a - c for a, c in zip(_users(b.flat), before[b.slot])] for b in (src, dst)}
+            for b in (src, dst):
+                b.idle = [i + c for i, c in zip(b.idle, held[b.slot])]
+            self.steps[key] = (graph.replay if graph is not None else run, held)
+        return self.steps[key][0]
+
+    def _torch_step(self, src: State, dst: State):
+        dst_tensors = list(dst.tensors())
+
         def step():
-            logits, new = net.forward_torch(self.tokens.view(-1, 1), self.state)
+            logits, new = self.net.forward_torch(self.tokens.view(-1, 1), src)
             self.logits.copy_(logits)
-            torch._foreach_copy_(list(self.state.tensors()), list(new.tensors()))
+            torch._foreach_copy_(dst_tensors, list(new.tensors()))
 
         return step
 
-    def _capture(self):
-        saved = [t.clone() for t in self.state.tensors()]
+    def _capture(self, run, src: _Buffer):
+        saved = [t.clone() for t in src.flat]  # the warm-up must leave the source as it was
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy module loads, cuBLAS handles, allocator pools
-                    self.run()
+                    run()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.run()
+                run()
+            graph.keep_alive = run  # buffers and prepared launches the graph points into
             return graph
         except Exception as e:  # noqa: BLE001 - replaying eagerly is always correct
             print(f"rwkv-cli: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                   "decoding without graphs", file=sys.stderr)
+            self.use_graph = False
             return None
         finally:
-            torch._foreach_copy_(list(self.state.tensors()), saved)
+            for t, s in zip(src.flat, saved):
+                t.copy_(s)
+
+    def _set_tokens(self, tokens: torch.Tensor) -> None:
+        tokens = tokens.reshape(-1)
+        if tokens.device != self.tokens.device:
+            self.tokens_copied.synchronize()
+            self.tokens_host.copy_(tokens)
+            self.tokens.copy_(self.tokens_host, non_blocking=True)
+            self.tokens_copied.record()
+        else:
+            self.tokens.copy_(tokens)
 
     def __call__(self, tokens: torch.Tensor, state: State):
-        last = self._last() if self._last is not None else None
-        if state is not last:
-            self.layout.copy_into(self.state, state)
-        self.tokens.copy_(tokens.view(-1))
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.run()
-        act, f32 = self.layout.empty()
-        act.copy_(self.state._flat[0])
-        f32.copy_(self.state._flat[1])
-        out = self.layout.state(act, f32)
-        self._last = weakref.ref(out)
-        return self.logits.clone(), out
+        src = self._buffer_of(state)
+        if src is None:
+            src = self._free_buffer(exclude=None)
+            self.layout.copy_into(self.layout.state(*src.flat), state)
+        dst = self._free_buffer(exclude=src)
+        self._set_tokens(tokens)
+        self._step(src, dst)()
+        return self.logits.clone(), self.layout.state(*dst.flat)
 
 
 class GraphCache:
