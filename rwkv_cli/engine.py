@@ -9,6 +9,7 @@ The CLI, tests and benchmarks all go through this module.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ class Model:
                 outs.append(logits)
             logits = torch.cat(outs, 1) if full_output else outs[-1]
             logits = logits.float()
-            if check_finite and not bool(torch.isfinite(logits.sum())):  # NaN or inf anywhere shows in the sum
+            if check_finite and not math.isfinite(float(logits.sum())):  # NaN or inf anywhere shows in the sum
                 raise non_finite_error(self.dtype)
         return logits, state
 

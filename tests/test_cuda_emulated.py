@@ -220,9 +220,10 @@ def test_deep_embed_stays_on_the_torch_path(make_ckpt, emulated, monkeypatch, ca
 
 @pytest.mark.parametrize("version", ["7", "4"])
 def test_decoding_buffers_are_reused_only_when_nobody_holds_them(make_ckpt, emulated, version):
-    """graph.GraphStep hands out its destination buffer as the new state (no copy). A loop that
-    drops each state ping-pongs between two buffers; states the caller keeps (whole, or a single
-    view of one) are never written again, and every step still equals the PyTorch path."""
+    """graph.GraphStep hands out its destination buffer as the new state and logits (no copy). A
+    loop that drops each state ping-pongs between two buffers; states and logits the caller keeps
+    (whole, or a single view of one) are never written again, and every step still equals the
+    PyTorch path."""
     from rwkv_cli.cuda.graph import GraphStep
 
     net = load_model(make_ckpt(version, 3, 128, 512), device="cpu", dtype="fp32").net
@@ -239,9 +240,11 @@ def test_decoding_buffers_are_reused_only_when_nobody_holds_them(make_ckpt, emul
     assert len(step.buffers) == 2 and len(step.steps) == 2
     kept, views = [], []
     for t in range(15, 40):
-        _, st = step(toks[:, t : t + 1], st)
+        lg, st = step(toks[:, t : t + 1], st)
         if t % 5 == 0:
             kept.append((st, [x.clone() for x in st.tensors()]))
+        elif t % 5 == 1:
+            views.append((lg, lg.clone()))  # logits held without their state
         elif t % 5 == 2:
             views.append((st.layers[1].ffn_shift, st.layers[1].ffn_shift.clone()))
     for held, copy in kept:

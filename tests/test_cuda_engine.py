@@ -75,9 +75,13 @@ def test_graph_replay_equals_eager_and_snapshots_stay_valid(make_ckpt, version):
             lg, st = step(toks[:, t : t + 1].cuda(), st)
             logits.append(lg)
         assert step.backend == "cuda" and step.use_graph == use_graph
-        # a loop that drops each state ping-pongs between two buffers and two captured steps
-        assert len(step.buffers) == 2 and len(step.steps) == 2
         runs[use_graph] = logits, st
+    # a loop that drops each state and its logits ping-pongs between two buffers and two graphs
+    step, st = GraphStep(model.net, 2), s0
+    for t in range(12, 20):
+        lg, st = step(toks[:, t : t + 1].cuda(), st)
+        assert torch.equal(lg, runs[True][0][t - 12])
+    assert len(step.buffers) == 2 and len(step.steps) == 2
     for t, (lg, le) in enumerate(zip(runs[True][0], runs[False][0])):
         assert torch.equal(lg, le), f"step {t}: graph and eager launches differ"
     for a, b in zip(runs[True][1].tensors(), runs[False][1].tensors()):

@@ -25,6 +25,29 @@ from ..state import RWKV4LayerState, RWKV7LayerState, State
 MAX_GRAPHS = 4  # batch sizes kept captured at once (least recently used dropped)
 
 
+class FlatBackedState(State):
+    """A State laid out by `FlatState` in two flat tensors; its per-layer views are made on first
+    use (a decoding loop that only passes states back in never needs them: making ~3L views cost
+    more host time per token than the step's kernels at 0.1B)."""
+
+    def __init__(self, layout: FlatState, act: torch.Tensor, f32: torch.Tensor):
+        self.version, self._layout, self._flat, self._layers = layout.cfg.version, layout, (act, f32), None
+
+    @property
+    def layers(self) -> list:
+        if self._layers is None:
+            self._layers = self._layout.layers(*self._flat)
+        return self._layers
+
+    @property
+    def batch_size(self) -> int:
+        return self._flat[0].shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._flat[0].device
+
+
 class FlatState:
     """The layout of a State as two flat tensors: act [L, 2, B, C] (att_shift, ffn_shift) and
     fp32 [L, B, H, N, N] (v7 wkv) or [L, 3, B, A] (v4 num, den, max)."""
@@ -40,14 +63,13 @@ class FlatState:
                 torch.empty(self.f32_shape, dtype=torch.float32, device=self.device))
 
     def state(self, act, f32) -> State:
+        return FlatBackedState(self, act, f32)
+
+    def layers(self, act, f32) -> list:
         att, ffn = act[:, 0].unbind(0), act[:, 1].unbind(0)
         if self.cfg.version == "7":
-            layers = [RWKV7LayerState(a, w, f) for a, w, f in zip(att, f32.unbind(0), ffn)]
-        else:
-            layers = [RWKV4LayerState(a, n, d, m, f) for a, (n, d, m), f in zip(att, (t.unbind(0) for t in f32.unbind(0)), ffn)]
-        st = State(self.cfg.version, layers)
-        st._flat = (act, f32)  # marks a state laid out by this class
-        return st
+            return [RWKV7LayerState(a, w, f) for a, w, f in zip(att, f32.unbind(0), ffn)]
+        return [RWKV4LayerState(a, n, d, m, f) for a, (n, d, m), f in zip(att, (t.unbind(0) for t in f32.unbind(0)), ffn)]
 
     def matches(self, state: State) -> bool:
         flat = getattr(state, "_flat", None)
@@ -76,15 +98,23 @@ def _users(flat) -> list[int]:
 
 
 class _Buffer:
-    """One flat state buffer (act, f32) of the pool. `idle` counts the tensors of ours that share
-    its storage (the pool's, and views that prepared steps point into): more means it is held."""
+    """One buffer of the pool: a flat state (act, f32) and the logits of the step that wrote it.
+    `idle` counts the tensors of ours that share their storage (the pool's, and views that prepared
+    steps point into): more means someone holds it. Outputs are handed out as fresh aliases, so a
+    caller's references always show in the counts."""
 
-    def __init__(self, layout: FlatState, slot: int):
-        self.flat, self.slot = layout.empty(), slot
+    def __init__(self, layout: FlatState, slot: int, vocab_size: int):
+        act, f32 = layout.empty()
+        logits = torch.zeros(layout.B, vocab_size, dtype=torch.float32, device=act.device)
+        self.flat, self.slot = (act, f32, logits), slot
         self.idle = _users(self.flat)
 
     def free(self) -> bool:
         return _users(self.flat) == self.idle
+
+    def outputs(self, layout: FlatState):
+        act, f32, logits = (t.view(t.shape) for t in self.flat)
+        return logits, layout.state(act, f32)
 
 
 class GraphStep:
@@ -101,7 +131,6 @@ class GraphStep:
         if net.device.type == "cuda":  # ids from the host go through pinned memory: no synchronous copy
             self.tokens_host = torch.zeros(B, dtype=torch.long, pin_memory=True)
             self.tokens_copied = torch.cuda.Event()  # the pinned ids may be rewritten once it has passed
-        self.logits = torch.zeros(B, net.cfg.vocab_size, dtype=torch.float32, device=net.device)
         self.K = loader.kernels_for(net.device) if decode.kernels_apply(net.cfg) else None
         self.backend = "cuda" if self.K is not None else "torch"
         self.buffers: list[_Buffer] = []
@@ -114,7 +143,7 @@ class GraphStep:
             if buf is not exclude and buf.free():
                 return buf
         if len(self.buffers) < MAX_BUFFERS:
-            self.buffers.append(_Buffer(self.layout, len(self.buffers)))
+            self.buffers.append(_Buffer(self.layout, len(self.buffers), self.net.cfg.vocab_size))
             return self.buffers[-1]
         old = next(b for b in self.buffers if b is not exclude)
         return self._replace(old)
@@ -128,14 +157,15 @@ class GraphStep:
                 if slot != old.slot:
                     buf = self.buffers[slot]
                     buf.idle = [i - c for i, c in zip(buf.idle, counts)]
-        self.buffers[old.slot] = _Buffer(self.layout, old.slot)
+        self.buffers[old.slot] = _Buffer(self.layout, old.slot, self.net.cfg.vocab_size)
         return self.buffers[old.slot]
 
     def _buffer_of(self, state: State) -> _Buffer | None:
         flat = getattr(state, "_flat", None)
         if flat is not None:
             for buf in self.buffers:
-                if buf.flat[0] is flat[0] and buf.flat[1] is flat[1]:
+                if buf.flat[0].data_ptr() == flat[0].data_ptr() and buf.flat[1].data_ptr() == flat[1].data_ptr() \
+                        and buf.flat[0].shape == flat[0].shape:
                     return buf
         return None
 
@@ -144,15 +174,15 @@ class GraphStep:
         key = (src.slot, dst.slot)
         if key not in self.steps:
             before = {b.slot: _users(b.flat) for b in (src, dst)}
-            src_state, dst_state = self.layout.state(*src.flat), self.layout.state(*dst.flat)
+            src_state, dst_state, logits = self.layout.state(*src.flat[:2]), self.layout.state(*dst.flat[:2]), dst.flat[2]
             if self.K is not None:
                 from . import decode
 
-                run = decode.build_step(self.net, self.K, src_state, dst_state, self.tokens, self.logits)
+                run = decode.build_step(self.net, self.K, src_state, dst_state, self.tokens, logits)
             else:
-                run = self._torch_step(src_state, dst_state)
+                run = self._torch_step(src_state, dst_state, logits)
             graph = self._capture(run, src) if self.use_graph else None
-            del src_state, dst_state
+            del src_state, dst_state, logits
             gc.collect()  # builders hold reference cycles: count only the views that stay
             held = {b.slot: [a - c for a, c in zip(_users(b.flat), before[b.slot])] for b in (src, dst)}
             for b in (src, dst):
@@ -160,18 +190,18 @@ class GraphStep:
             self.steps[key] = (graph.replay if graph is not None else run, held)
         return self.steps[key][0]
 
-    def _torch_step(self, src: State, dst: State):
+    def _torch_step(self, src: State, dst: State, logits_out: torch.Tensor):
         dst_tensors = list(dst.tensors())
 
         def step():
             logits, new = self.net.forward_torch(self.tokens.view(-1, 1), src)
-            self.logits.copy_(logits)
+            logits_out.copy_(logits)
             torch._foreach_copy_(dst_tensors, list(new.tensors()))
 
         return step
 
     def _capture(self, run, src: _Buffer):
-        saved = [t.clone() for t in src.flat]  # the warm-up must leave the source as it was
+        saved = [t.clone() for t in src.flat[:2]]  # the warm-up must leave the source as it was
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -190,7 +220,7 @@ class GraphStep:
             self.use_graph = False
             return None
         finally:
-            for t, s in zip(src.flat, saved):
+            for t, s in zip(src.flat[:2], saved):
                 t.copy_(s)
 
     def _set_tokens(self, tokens: torch.Tensor) -> None:
@@ -207,11 +237,11 @@ class GraphStep:
         src = self._buffer_of(state)
         if src is None:
             src = self._free_buffer(exclude=None)
-            self.layout.copy_into(self.layout.state(*src.flat), state)
+            self.layout.copy_into(self.layout.state(*src.flat[:2]), state)
         dst = self._free_buffer(exclude=src)
         self._set_tokens(tokens)
         self._step(src, dst)()
-        return self.logits.clone(), self.layout.state(*dst.flat)
+        return dst.outputs(self.layout)
 
 
 class GraphCache:
