@@ -228,21 +228,37 @@ def run_kernels(args) -> None:
         bw = f"{nbytes / ours_ms / 1e6:,.0f} GB/s" if nbytes else ""
         rows.append(f"| {name} | {1000 * ours_ms:,.1f} | {1000 * twin_ms:,.1f} | {twin_ms / ours_ms:.1f}x | {bw} |")
 
-    # products of one decoding step, B = 1: r, k, v, output (4 C x C) and the FFN (2 x 4C x C)
-    x = torch.randn(1, C, device="cuda", dtype=dt)
-    h = torch.randn(1, 4 * C, device="cuda", dtype=dt)
-    Ws = [torch.randn(C, C, device="cuda", dtype=dt) * 0.02 for _ in range(4)]
-    Wk, Wv = torch.randn(4 * C, C, device="cuda", dtype=dt) * 0.02, torch.randn(C, 4 * C, device="cuda", dtype=dt) * 0.02
-    ys = [torch.empty(1, C, device="cuda", dtype=dt) for _ in range(4)]
-    yk, yv = torch.empty(1, 4 * C, device="cuda", dtype=dt), torch.empty(1, C, device="cuda", dtype=dt)
-    segs4 = [twins.Seg(x, W, y) for W, y in zip(Ws, ys)]
-    nbytes = sum(W.numel() * 2 for W in Ws)
-    row("gemv: 4 products C x C in one launch, B=1", time_cuda(lambda: kops.gemv(K, segs4)),
-        time_cuda(lambda: [F.linear(x, W) for W in Ws]), nbytes)
-    row("gemv: FFN key 4C x C (relu^2)", time_cuda(lambda: kops.gemv(K, [twins.Seg(x, Wk, yk, out_act=1)])),
-        time_cuda(lambda: torch.relu(F.linear(x, Wk)).square()), Wk.numel() * 2)
-    row("gemv: FFN value C x 4C (+ residual)", time_cuda(lambda: kops.gemv(K, [twins.Seg(h, Wv, yv, res=yv)])),
-        time_cuda(lambda: yv + F.linear(h, Wv)), Wv.numel() * 2)
+    # products of one decoding step, B = 1, at the 1.5B and 0.1B widths: r, k, v, output (4 C x C
+    # in one launch) and the FFN (4C x C, with its input staged from the residual by LayerNorm +
+    # token shift or as given, and C x 4C). Each case cycles through copies of its weights (256 MB
+    # or more) so that they stream from DRAM as in a decoding step, not from the 50 MB L2; on
+    # Hopper the gemv launches are programmatic dependent launches (RWKV_CUDA_PDL=0: ordinary).
+    for Cw in (C, 768):
+        x, h = torch.randn(1, Cw, device="cuda", dtype=dt), torch.randn(1, 4 * Cw, device="cuda", dtype=dt)
+        y4 = [torch.empty(1, Cw, device="cuda", dtype=dt) for _ in range(4)]
+        yk, yv = torch.empty(1, 4 * Cw, device="cuda", dtype=dt), torch.empty(1, Cw, device="cuda", dtype=dt)
+        ln = (torch.rand(Cw, device="cuda", dtype=dt) + 0.5, torch.randn(Cw, device="cuda", dtype=dt) * 0.1)
+        shift, mix = torch.randn(1, Cw, device="cuda", dtype=dt), torch.rand(Cw, device="cuda", dtype=dt)
+        W = lambda o, i: torch.randn(o, i, device="cuda", dtype=dt) * 0.02  # noqa: E731
+        copies = max(4, -(-(256 << 20) // (16 * Cw * Cw)))
+        cases = [
+            ("4 products C x C in one launch", lambda: [twins.Seg(x, W(Cw, Cw), y) for y in y4],
+             lambda segs: [F.linear(x, s.W) for s in segs]),
+            ("FFN key 4C x C (relu^2)", lambda: [twins.Seg(x, W(4 * Cw, Cw), yk, out_act=1)],
+             lambda segs: torch.relu(F.linear(x, segs[0].W)).square()),
+            ("FFN key 4C x C, LayerNorm + shift staged (relu^2)",
+             lambda: [twins.Seg(x, W(4 * Cw, Cw), yk, out_act=1, in_act=3, shift=shift, ln=ln, mix=mix)],
+             twins.gemv_torch),
+            ("FFN value C x 4C (+ residual)", lambda: [twins.Seg(h, W(Cw, 4 * Cw), yv, res=yv)],
+             lambda segs: yv + F.linear(h, segs[0].W)),
+        ]
+        for name, make, twin in cases:
+            sets = [make() for _ in range(copies)]
+            nbytes = sum(s.W.numel() * 2 for s in sets[0])
+            ours = time_cuda(lambda sets=sets: [kops.gemv(K, segs) for segs in sets]) / copies
+            ref = time_cuda(lambda sets=sets, twin=twin: [twin(segs) for segs in sets]) / copies
+            row(f"gemv C={Cw}: {name}, B=1", ours, ref, nbytes)
+            del sets
     # RWKV-7 prefill recurrence, one layer, T tokens
     gen = torch.Generator(device="cuda").manual_seed(0)
     N = 64

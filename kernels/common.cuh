@@ -38,6 +38,28 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
     return v;
 }
 
+// 16 bytes global -> shared without registers (cp.async; the kernels need sm_80+ anyway for
+// bf16); copy_wait() waits for this thread's copies.
+__device__ __forceinline__ void copy16(uint4* dst, const void* src) {
+    unsigned d;
+    asm volatile("{\n\t.reg .u64 a;\n\tcvta.to.shared.u64 a, %1;\n\tcvt.u32.u64 %0, a;\n\t}" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Programmatic dependent launch (sm_90+): let the next kernel in the stream start, and wait for
+// the previous one (its completion and memory). Both are no-ops for an ordinary launch.
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

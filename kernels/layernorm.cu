@@ -8,20 +8,60 @@
 // for each of n_mix mixing vectors. Twin: rwkv_cli.cuda.twins.ln_mix.
 #include "common.cuh"
 
-template <class S>
-__device__ __forceinline__ void row_stats(const typename S::T* row, int C, float* scratch, float& mean, float& rstd) {
-    float s = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) s += S::load(row[c]);
-    mean = block_sum(s, scratch) / C;
-    float v = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float d = S::load(row[c]) - mean;
-        v += d * d;
+#define LN_MAX_MIX 6  // mixing vectors at most (RWKV-7 time mix)
+
+// 16 bytes of a row as fp32 values: 8 for 16-bit storage, 4 for fp32.
+template <class S> struct Vec {
+    static constexpr int N = 16 / sizeof(typename S::T);
+    static __device__ __forceinline__ void load(const typename S::T* p, float* f) {
+        const uint4 v = *(const uint4*)p;
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+        if constexpr (N == 8) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { f[2 * i] = S::lo(w[i]); f[2 * i + 1] = S::hi(w[i]); }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(w[i]);
+        }
     }
-    rstd = rsqrtf(block_sum(v, scratch) / C + 1e-5f);
+    static __device__ __forceinline__ void store(typename S::T* p, const float* f) {
+        u32 w[4];
+        if constexpr (N == 8) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) w[i] = (u32)S::store(f[2 * i]) | ((u32)S::store(f[2 * i + 1]) << 16);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(f[i]);
+        }
+        *(uint4*)p = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+};
+
+// Mean and 1/std of one row, by one warp (two passes: the second re-reads the row from L1).
+template <class S>
+__device__ __forceinline__ void row_stats(const typename S::T* row, int C, float& mean, float& rstd) {
+    constexpr int N = Vec<S>::N;
+    const int lane = threadIdx.x & 31;
+    float s = 0.f, f[N];
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Vec<S>::load(row + c, f);
+#pragma unroll
+        for (int e = 0; e < N; ++e) s += f[e];
+    }
+    mean = warp_sum(s) / C;
+    float v = 0.f;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Vec<S>::load(row + c, f);
+#pragma unroll
+        for (int e = 0; e < N; ++e) v += (f[e] - mean) * (f[e] - mean);
+    }
+    rstd = rsqrtf(warp_sum(v) / C + 1e-5f);
 }
 
-// grid: (B*T) blocks; block: 256 threads.
+// grid: (B*T) blocks, one row each; block: 256 threads. C a multiple of 16 bytes' worth of
+// values, every pointer 16-byte aligned. Every warp computes the row's statistics itself (the
+// second pass reads L1), so no block-wide barrier is needed, and the threads then share the
+// columns: a decoding step's LayerNorm (few rows) is a short chain of latencies, not a loop.
 template <class S>
 __device__ void ln_mix_impl(const typename S::T* __restrict__ x,      // [B*T, C]
                             const typename S::T* __restrict__ shift,  // [B, C] carried LN output
@@ -32,23 +72,43 @@ __device__ void ln_mix_impl(const typename S::T* __restrict__ x,      // [B*T, C
                             typename S::T* __restrict__ xx_out,       // [B*T, C] or null
                             typename S::T* __restrict__ shift_out,    // [B, C] or null: xx of t = T-1
                             int T, int C, int n_mix, int v4_order) {
-    __shared__ float scratch[32];
+    constexpr int N = Vec<S>::N;
     const int r = blockIdx.x, t = r % T, b = r / T;
-    const int R = gridDim.x;
+    const size_t R = gridDim.x;
     const typename S::T* row = x + (size_t)r * C;
     float mean, rstd, pmean = 0.f, prstd = 0.f;
-    row_stats<S>(row, C, scratch, mean, rstd);
-    if (t > 0) row_stats<S>(row - C, C, scratch, pmean, prstd);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        const float wc = S::load(w[c]), bc = S::load(bias[c]);
-        const float xx = S::load(S::store((S::load(row[c]) - mean) * rstd * wc + bc));
-        const float p = t > 0 ? S::load(S::store((S::load(row[c - C]) - pmean) * prstd * wc + bc))
-                              : S::load(shift[(size_t)b * C + c]);
-        if (xx_out) xx_out[(size_t)r * C + c] = S::store(xx);
-        if (shift_out && t == T - 1) shift_out[(size_t)b * C + c] = S::store(xx);
-        const float base = v4_order ? p : xx, other = v4_order ? xx : p;
-        for (int m = 0; m < n_mix; ++m)
-            out[((size_t)m * R + r) * C + c] = S::store(base + (other - base) * S::load(mix[(size_t)m * C + c]));
+    row_stats<S>(row, C, mean, rstd);
+    if (t > 0) row_stats<S>(row - C, C, pmean, prstd);
+    for (int c = threadIdx.x * N; c < C; c += blockDim.x * N) {
+        float xv[N], wv[N], bv[N], xx[N], p[N], o[N];
+        Vec<S>::load(row + c, xv);
+        Vec<S>::load(w + c, wv);
+        Vec<S>::load(bias + c, bv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) xx[e] = S::load(S::store((xv[e] - mean) * rstd * wv[e] + bv[e]));
+        if (t > 0) {
+            Vec<S>::load(row - C + c, p);
+#pragma unroll
+            for (int e = 0; e < N; ++e) p[e] = S::load(S::store((p[e] - pmean) * prstd * wv[e] + bv[e]));
+        } else {
+            Vec<S>::load(shift + (size_t)b * C + c, p);
+        }
+        if (xx_out) Vec<S>::store(xx_out + (size_t)r * C + c, xx);
+        if (shift_out && t == T - 1) Vec<S>::store(shift_out + (size_t)b * C + c, xx);
+        float mu[LN_MAX_MIX][N];  // every mix vector requested before the first store
+#pragma unroll
+        for (int m = 0; m < LN_MAX_MIX; ++m)
+            if (m < n_mix) Vec<S>::load(mix + (size_t)m * C + c, mu[m]);
+#pragma unroll
+        for (int m = 0; m < LN_MAX_MIX; ++m) {
+            if (m >= n_mix) break;
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                const float base = v4_order ? p[e] : xx[e], other = v4_order ? xx[e] : p[e];
+                o[e] = base + (other - base) * mu[m][e];
+            }
+            Vec<S>::store(out + ((size_t)m * R + r) * C + c, o);
+        }
     }
 }
 

@@ -59,7 +59,10 @@ def test_ln_mix(K, dtype, v4_order):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B", [1, 2, 3, 4])
 def test_gemv_segments(K, dtype, B):
-    """Several products in one launch, with every input activation and epilogue; odd row counts."""
+    """Several products in one launch, with every input activation and epilogue; odd row counts.
+    Each group runs with the split chosen for this GPU and with splits chosen for other sizes:
+    many row tiles per block (4 multiprocessors), rows shared by up to 8 warps (2000), one tile
+    per block."""
     from rwkv_cli.cuda import kops
     from rwkv_cli.cuda.twins import Seg, gemv_reference
 
@@ -81,22 +84,31 @@ def test_gemv_segments(K, dtype, B):
         s.xx_out = torch.full((B, I), float("nan"), device="cuda", dtype=dtype)
         return s
 
-    segs = [seg(300, 2048), seg(64, 768, in_act=1), seg(768, 64, in_act=2, out_act=1), seg(1000, 256, out_act=2),
-            seg(520, 512, res=True, gate=True, scale=0.5), seg(200, 4096, f32=True), seg(37, 8192, res=True)]
-    src = randn(B, 640, dtype=dtype)
-    segs[0].copy = (src, torch.empty_like(src))
-    ln_segs = [ln_seg(100, 1024, 3), ln_seg(90, 1024, 4, out_act=2), ln_seg(600, 768, 5, f32=True)]
-    for group in (segs, ln_segs):
-        kops.gemv(K, group)
-        ref = [Seg(s.x, s.W, torch.empty_like(s.y), s.res, s.gate, s.in_act, s.out_act, s.scale, s.shift, s.ln, s.mix,
-                   None if s.xx_out is None else torch.empty_like(s.xx_out)) for s in group]
-        gemv_reference(ref)
-        for s, r in zip(group, ref):
-            tol = 2e-5 if s.y.dtype == torch.float32 and s.in_act < 3 else HALF_TOL[dtype]
-            assert rel_err(s.y, r.y) <= tol, f"segment O={s.W.shape[0]} I={s.W.shape[1]} in_act={s.in_act}"
-            if s.xx_out is not None:
-                assert rel_err(s.xx_out, r.xx_out) <= HALF_TOL[dtype]
-    assert torch.equal(segs[0].copy[1], src)
+    def in_place(O, I):  # y += x W^T (res aliases y)
+        s = seg(O, I)
+        s.y = s.res = randn(B, O, dtype=dtype)
+        return s
+
+    for plan in (None, dict(sms=4), dict(sms=2000), dict(sms=30, persistent=False)):
+        segs = [seg(300, 2048), seg(64, 768, in_act=1), seg(768, 64, in_act=2, out_act=1), seg(1000, 256, out_act=2),
+                seg(520, 512, res=True, gate=True, scale=0.5), seg(200, 4096, f32=True), seg(37, 8192, res=True)]
+        ln_segs = [ln_seg(100, 1024, 3), ln_seg(90, 1024, 4, out_act=2), ln_seg(600, 768, 5, f32=True)]
+        for group in (segs, ln_segs, [in_place(333, 1536), in_place(2048, 8192)]):
+            ref = [Seg(s.x, s.W, torch.empty_like(s.y), None if s.res is None else s.res.clone(), s.gate, s.in_act,
+                       s.out_act, s.scale, s.shift, s.ln, s.mix, None if s.xx_out is None else torch.empty_like(s.xx_out))
+                   for s in group]
+            gemv_reference(ref)
+            if plan is None:
+                kops.gemv(K, group)
+            else:
+                payload, grid, smem = kops.gemv_payload(group, **plan)
+                kops.gemv_kernel(K, group).launch(grid, 256, payload, smem)
+            for s, r in zip(group, ref):
+                tol = 2e-5 if s.y.dtype == torch.float32 and s.in_act < 3 else HALF_TOL[dtype]
+                where = f"plan {plan}, segment O={s.W.shape[0]} I={s.W.shape[1]} in_act={s.in_act}"
+                assert rel_err(s.y, r.y) <= tol, where
+                if s.xx_out is not None:
+                    assert rel_err(s.xx_out, r.xx_out) <= HALF_TOL[dtype], where
 
 
 def _v7_inputs(R, H, dtype, gen=None, first=False):

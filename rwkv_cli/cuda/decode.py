@@ -53,7 +53,8 @@ class _Builder:
         kern = self.K.get(f"ln_mix_{kops.SUFFIX[self.dt]}")
         n = 0 if mix is None else mix.shape[0]
         C = x.shape[-1]
-        self.ops.append(lambda: kern(self.B, 256, x, shift, w, b, mix, out, xx_out, shift_out, 1, C, n, int(v4_order)))
+        self.ops.append(lambda: kern(self.B, kops.LN_MIX_BLOCK, x, shift, w, b, mix, out, xx_out, shift_out, 1, C, n,
+                                     int(v4_order)))
 
     def normed(self, x, shift, ln, mixes, v4_order, shift_out):
         """Inputs of the products after a LayerNorm, with the token shift from `shift` (the previous

@@ -16,13 +16,20 @@ from .twins import Seg
 SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 HEAD_SIZE = 64  # the RWKV-7 kernels are written for N = 64 (every released model)
 
+LN_MIX_BLOCK, LN_MAX_MIX = 256, 6  # kernels/layernorm.cu: a block per row, mixing vectors at most
+
 # kernels/gemv.cu
 GEMV_MAX_B = 4
 GEMV_MAX_SEG = 8
-GEMV_ROWS_PER_BLOCK = 16  # WARPS * RW
+GEMV_WARPS = 8  # WARPS: a block is 8 warps
+GEMV_ROWS_PER_WARP = 2  # RW: a tile is GEMV_WARPS // ks * GEMV_ROWS_PER_WARP rows
+GEMV_MAX_KS = 8  # warps sharing a row pair (1, 2, 4, 8)
+GEMV_BLOCKS_PER_SM = 2  # MINB: blocks a multiprocessor holds at once; a launch is one wave of them
+GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (tests, emulation)
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
-_SEG_FMT = "12Q7ifii"  # struct Seg: 12 pointers, O I x_stride y_stride in_act out_act out_f32, scale, block_start, copy_n
+_SEG_FMT = "10Q7if4i"  # struct Seg: 10 pointers, O I x_stride y_stride in_act out_act out_f32, scale, block_start n_blocks ks pad
 _PARAMS_FMT = GEMV_PARAMS_FMT
+_sm_counts: dict[int, int] = {}
 
 
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -35,10 +42,12 @@ def ln_mix(K, x, shift, w, b, mix, v4_order: bool, want_xx: bool = False):
     """x [B, T, C], shift [B, C], mix [n, C] -> (mixes [n, B, T, C], new shift [B, C][, xx])."""
     B, T, C = x.shape
     n = mix.shape[0] if mix is not None else 0
+    if n > LN_MAX_MIX or C % (16 // x.element_size()):
+        raise ValueError(f"ln_mix takes at most {LN_MAX_MIX} mixes and rows of whole 16-byte vectors")
     out = torch.empty(max(n, 1), B, T, C, dtype=x.dtype, device=x.device)
     shift_out = torch.empty(B, C, dtype=x.dtype, device=x.device)
     xx = torch.empty_like(x) if want_xx else None
-    K.get(f"ln_mix_{SUFFIX[x.dtype]}")(B * T, 256, _c(x), _c(shift), w, b, _c(mix), out, xx, shift_out,
+    K.get(f"ln_mix_{SUFFIX[x.dtype]}")(B * T, LN_MIX_BLOCK, _c(x), _c(shift), w, b, _c(mix), out, xx, shift_out,
                                        T, C, n, int(v4_order))
     return (out[:n], shift_out, xx) if want_xx else (out[:n], shift_out)
 
@@ -68,32 +77,82 @@ def _check_seg(s: Seg, B: int) -> None:
             raise ValueError("gemv LayerNorm staging needs contiguous, aligned [B, I] x/shift and [I] vectors")
     if s.xx_out is not None and (not s.xx_out.is_contiguous() or s.xx_out.data_ptr() % 16 or s.xx_out.dtype != s.W.dtype):
         raise ValueError("gemv xx_out must be contiguous and aligned")
-    if s.copy is not None and (s.copy[0].dtype.itemsize != 2 or s.copy[0].numel() != s.copy[1].numel()
-                               or not s.copy[0].is_contiguous() or not s.copy[1].is_contiguous()):
-        raise ValueError("gemv side copies are contiguous 16-bit tensors of equal size")
 
 
-def gemv_payload(segs: list[Seg]) -> tuple[bytes, int, int]:
-    """Pack up to 8 products for one gemv launch: (parameter bytes, grid, dynamic shared memory)."""
+def _sm_count(t: torch.Tensor) -> int:
+    if not t.is_cuda:
+        return GEMV_DEFAULT_SMS
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def gemv_plan(shapes: list[tuple[int, int]], sms: int, blocks_per_sm: int | None = None,
+              persistent: bool = True) -> list[tuple[int, int]]:
+    """How kernels/gemv.cu splits products [(O, I)] over the GPU: (ks, n_blocks) for each.
+
+    The launch aims at one wave of `blocks_per_sm` blocks on every multiprocessor. Products whose
+    rows make too few tiles for that have their rows shared by ks = 2, 4 or 8 warps (each then
+    sums an interleaved ks-th of I: shorter loops, more blocks) as long as the grid still fits the
+    wave and every warp has at least one 512-byte piece of a row; products with more tiles than
+    the wave has blocks give each block several tiles (it stages its input once for all of them)."""
+    cap = (GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm) * sms
+    rows = lambda k: GEMV_WARPS // k * GEMV_ROWS_PER_WARP  # noqa: E731
+    ks = [1] * len(shapes)
+
+    def tiles(i: int, k: int) -> int:
+        return -(-shapes[i][0] // rows(k))
+
+    while True:
+        split = [i for i, (_, In) in enumerate(shapes) if ks[i] < GEMV_MAX_KS and In // 8 >= 32 * 2 * ks[i]]
+        total = sum(tiles(i, 2 * ks[i] if i in split else ks[i]) for i in range(len(shapes)))
+        if not split or total > cap:
+            break
+        for i in split:
+            ks[i] *= 2
+    n_tiles = [tiles(i, ks[i]) for i in range(len(shapes))]
+    per_block = 1
+    if persistent:
+        per_block = max(1, -(-sum(n_tiles) // cap))
+        while sum(-(-n // per_block) for n in n_tiles) > cap:
+            per_block += 1
+    return [(k, -(-n // per_block)) for k, n in zip(ks, n_tiles)]
+
+
+def gemv_smem_bytes(B: int, In: int, in_act: int) -> int:
+    """Shared memory kernels/gemv.cu stages one product's input in (stage_issue): the B input
+    rows, and for a LayerNorm (in_act 3-5) its weight and bias, plus for a token shift (3, 4)
+    the B shift rows and the mix vector (all 16-bit)."""
+    rows = B + (B if in_act in (3, 4) else 0)
+    vecs = 0 if in_act < 3 else (3 if in_act < 5 else 2)
+    return (rows + vecs) * In * 2
+
+
+def gemv_payload(segs: list[Seg], sms: int | None = None, blocks_per_sm: int | None = None,
+                 persistent: bool = True) -> tuple[bytes, int, int]:
+    """Pack up to 8 products for one gemv launch: (parameter bytes, grid, dynamic shared memory).
+    The split (`gemv_plan`) is made for the GPU of the weights unless `sms` says otherwise."""
     if not 1 <= len(segs) <= GEMV_MAX_SEG:
         raise ValueError(f"gemv takes 1 to {GEMV_MAX_SEG} products, got {len(segs)}")
     B = segs[0].x.shape[0]
-    fields, start, max_in = [], 0, 0
     for s in segs:
         _check_seg(s, B)
+    plan = gemv_plan([tuple(s.W.shape) for s in segs], sms or _sm_count(segs[0].W), blocks_per_sm, persistent)
+    fields, start, smem = [], 0, 0
+    for s, (ks, n_blocks) in zip(segs, plan):
         O, In = s.W.shape
         ln = s.ln or (None, None)
-        src, dst = s.copy or (None, None)
         fields += [s.x.data_ptr(), s.W.data_ptr(), s.y.data_ptr(), _ptr(s.res), _ptr(s.gate), _ptr(s.shift),
-                   _ptr(ln[0]), _ptr(ln[1]), _ptr(s.mix), _ptr(s.xx_out), _ptr(src), _ptr(dst),
+                   _ptr(ln[0]), _ptr(ln[1]), _ptr(s.mix), _ptr(s.xx_out),
                    O, In, s.x.stride(0), s.y.stride(0), s.in_act, s.out_act, int(s.y.dtype == torch.float32),
-                   float(s.scale), start, 0 if src is None else src.numel()]
-        start += -(-O // GEMV_ROWS_PER_BLOCK)
-        max_in = max(max_in, In)
+                   float(s.scale), start, n_blocks, ks, 0]
+        start += n_blocks
+        smem = max(smem, gemv_smem_bytes(B, In, s.in_act))
     for _ in range(GEMV_MAX_SEG - len(segs)):
-        fields += [0] * 12 + [0] * 7 + [1.0, start, 0]
+        fields += [0] * 10 + [0] * 7 + [1.0, start, 0, 1, 0]
     payload = struct.pack(_PARAMS_FMT, *fields, len(segs))
-    return payload, start, B * max_in * 2
+    return payload, start, smem
 
 
 def gemv_kernel(K, segs: list[Seg]):

@@ -35,8 +35,8 @@ SIGNATURES = {
 }
 
 
-# struct GemvParams of kernels/gemv.cu: 8 x Seg (12 pointers, 7 ints, a float, 2 ints), n_seg
-GEMV_PARAMS_FMT = "@" + "12Q7ifii" * 8 + "i4x"
+# struct GemvParams of kernels/gemv.cu: 8 x Seg (10 pointers, 7 ints, a float, 4 ints), n_seg
+GEMV_PARAMS_FMT = "@" + "10Q7if4i" * 8 + "i4x"
 
 
 class KernelError(RuntimeError):
@@ -128,9 +128,13 @@ class Kernel:
 
 
 class RawKernel(Kernel):
-    """A kernel taking one struct by value: the caller passes the packed bytes."""
+    """A kernel taking one struct by value: the caller passes the packed bytes.
 
-    def __init__(self, driver, func, name: str, size: int):
+    With `dependent` (kernels/gemv.cu on sm_90+), launches are programmatic dependent launches:
+    the kernel's blocks may start while the previous kernel in the stream is finishing, and the
+    kernel itself waits for it (griddepcontrol.wait) before it reads anything but its weights."""
+
+    def __init__(self, driver, func, name: str, size: int, dependent: bool = False):
         super().__init__(driver, func, name, "")
         import ctypes
 
@@ -138,6 +142,7 @@ class RawKernel(Kernel):
         self.buf = ctypes.create_string_buffer(size)
         self.ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(self.buf))
         self.ptrs_addr = ctypes.addressof(self.ptrs)
+        self.config = _dependent_launch_config(driver) if dependent else None
 
     def launch(self, grid: int, block: int, payload: bytes, smem: int = 0):
         import torch
@@ -145,8 +150,31 @@ class RawKernel(Kernel):
         stream = torch.cuda.current_stream().cuda_stream
         with self.lock:
             self.buf[: len(payload)] = payload
+            if self.config is not None:
+                cfg = self.config
+                cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes = grid, block, smem
+                cfg.hStream = self.driver.CUstream(stream)
+                _check(self.driver.cuLaunchKernelEx(cfg, self.func, self.ptrs_addr, 0), f"launch of {self.name}")
+                return
             _check(self.driver.cuLaunchKernel(self.func, grid, 1, 1, block, 1, 1, smem, stream, self.ptrs_addr, 0),
                    f"launch of {self.name}")
+
+
+def _dependent_launch_config(driver):
+    """A reusable launch configuration with programmatic stream serialization, or None where
+    these bindings lack cuLaunchKernelEx."""
+    try:
+        cfg = driver.CUlaunchConfig()
+        cfg.gridDimY = cfg.gridDimZ = cfg.blockDimY = cfg.blockDimZ = 1
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs = [attr]
+        cfg.numAttrs = 1
+        driver.cuLaunchKernelEx  # noqa: B018 - present in the bindings
+    except AttributeError:
+        return None
+    return cfg
 
 
 class Kernels:
@@ -159,6 +187,8 @@ class Kernels:
         self.device_index = device_index
         major, minor = torch.cuda.get_device_capability(device_index)
         self.arch = major * 10 + minor
+        # programmatic dependent launches of gemv (Hopper and later); RWKV_CUDA_PDL=0 turns them off
+        self.dependent_launch = self.arch >= 90 and os.environ.get("RWKV_CUDA_PDL", "1") != "0"
         major_v, minor_v = _check(self.nvrtc.nvrtcVersion(), "nvrtcVersion")
         self.nvrtc_version = f"{major_v}.{minor_v}"
         with torch.cuda.device(device_index):
@@ -261,7 +291,7 @@ class Kernels:
         if name not in self._funcs:
             func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
             self._allow_smem(func, name)
-            self._funcs[name] = RawKernel(self.driver, func, name, size)
+            self._funcs[name] = RawKernel(self.driver, func, name, size, dependent=self.dependent_launch)
         return self._funcs[name]
 
     def get(self, name: str) -> Kernel:

@@ -46,7 +46,6 @@ class Seg:
     ln: tuple | None = None  # (weight, bias) [I]
     mix: torch.Tensor | None = None  # [I]
     xx_out: torch.Tensor | None = None  # [B, I]: receives LN(x)
-    copy: tuple | None = None  # (src, dst): a side copy the launch also does
 
     @property
     def out_f32(self) -> bool:
@@ -86,8 +85,6 @@ def gemv_reference(segs: list[Seg]) -> None:
     outs = [_epilogue(_stage(s).float() @ s.W.float().t(), s) for s in segs]
     for s, out in zip(segs, outs):
         s.y.copy_(out)
-        if s.copy is not None:
-            s.copy[1].copy_(s.copy[0])
 
 
 def gemv_torch(segs: list[Seg]) -> None:
@@ -107,8 +104,6 @@ def gemv_torch(segs: list[Seg]) -> None:
         else:
             acc = linear_fp32_out(x, s.W) if s.out_f32 else F.linear(x, s.W)
             s.y.copy_(_epilogue(acc, s))
-        if s.copy is not None:
-            s.copy[1].copy_(s.copy[0])
 
 
 def wkv7_prep(r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):
