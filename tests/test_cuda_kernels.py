@@ -42,10 +42,11 @@ def randn(*shape, dtype=torch.float32, scale=1.0, gen=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("v4_order", [False, True])
-def test_ln_mix(K, dtype, v4_order):
+@pytest.mark.parametrize("C", [320, 4096])  # a partial pass over the columns, and several
+def test_ln_mix(K, dtype, v4_order, C):
     from rwkv_cli.cuda import kops, twins
 
-    B, T, C = 3, 5, 320
+    B, T = 3, 5
     x, shift = randn(B, T, C, dtype=dtype, scale=3), randn(B, C, dtype=dtype)
     w, b = randn(C, dtype=dtype) + 1, randn(C, dtype=dtype, scale=0.1)
     mix = torch.rand(6, C, device="cuda").to(dtype)
