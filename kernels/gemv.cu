@@ -129,6 +129,40 @@ __device__ __forceinline__ void stage_issue(const Seg& sg, uint4* xs, int nchunk
     }
 }
 
+// For each staged row b: the block's sum over the row's values of x (SQUARE false) or of
+// (x - center[b])^2. `red` is shared scratch [WARPS][B]; ends synced.
+template <class S, int B, bool SQUARE>
+__device__ __forceinline__ void row_sums(const uint4* xs, int nchunk, const float* center, float (*red)[B], float* out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float sum[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) sum[b] = 0.f;
+    for (int c = threadIdx.x; c < nchunk; c += blockDim.x)
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            float f[8];
+            unpack8<S>(xs[b * nchunk + c], f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float d = SQUARE ? f[e] - center[b] : f[e];
+                sum[b] += SQUARE ? d * d : d;
+            }
+        }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        const float t = warp_sum(sum[b]);
+        if (lane == 0) red[warp][b] = t;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) t += red[w][b];
+        out[b] = t;
+    }
+}
+
 template <class S, int B>
 __device__ __forceinline__ void stage_finish(const Seg& sg, uint4* xs, int nchunk, bool first_block) {
     __shared__ float red[2][WARPS][B];
@@ -153,55 +187,13 @@ __device__ __forceinline__ void stage_finish(const Seg& sg, uint4* xs, int nchun
         __syncthreads();
         return;
     }
-    float sum[B], mean[B], rstd[B];
+    float mean[B], rstd[B];
+    row_sums<S, B, false>(xs, nchunk, mean, red[0], mean);  // two passes over shared memory: mean, variance
 #pragma unroll
-    for (int b = 0; b < B; ++b) sum[b] = 0.f;
-    for (int c = threadIdx.x; c < nchunk; c += blockDim.x)
+    for (int b = 0; b < B; ++b) mean[b] /= sg.I;
+    row_sums<S, B, true>(xs, nchunk, mean, red[1], rstd);
 #pragma unroll
-        for (int b = 0; b < B; ++b) {
-            float f[8];
-            unpack8<S>(xs[b * nchunk + c], f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) sum[b] += f[e];
-        }
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-        const float t = warp_sum(sum[b]);
-        if (lane == 0) red[0][warp][b] = t;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-        float t = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) t += red[0][w][b];
-        mean[b] = t / sg.I;
-        sum[b] = 0.f;
-    }
-    for (int c = threadIdx.x; c < nchunk; c += blockDim.x)
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-            float f[8];
-            unpack8<S>(xs[b * nchunk + c], f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const float d = f[e] - mean[b];
-                sum[b] += d * d;
-            }
-        }
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-        const float t = warp_sum(sum[b]);
-        if (lane == 0) red[1][warp][b] = t;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-        float t = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) t += red[1][w][b];
-        rstd[b] = rsqrtf(t / sg.I + 1e-5f);
-    }
+    for (int b = 0; b < B; ++b) rstd[b] = rsqrtf(rstd[b] / sg.I + 1e-5f);
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
         float w[8], bi[8];
         unpack8<S>(par[c], w);
