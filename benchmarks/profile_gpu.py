@@ -113,6 +113,12 @@ def profile_shape(spec: str, batches: list[int], prefill: int, steps: int, workd
         print(f"  prefill {prefill}: {ms:.1f} ms ({prefill * 1000 / ms:,.0f} tok/s), kernels {kern_us / 1000:.1f} ms, "
               f"chunk {net.gpu_prefill_chunk()}")
         print_rows(rows)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:  # host time: launches, and anything slower
+            model.forward(prompt, check_finite=False)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
 
 
 def main() -> None:

@@ -100,3 +100,14 @@ def linear_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError):
             pass
     return F.linear(x.float(), w.float())
+
+
+def bmm_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear_fp32_out` for n inputs and weights at once: x [n, R, C], w [n, O, C] -> [n, R, O]
+    fp32, one batched GEMM on a GPU (torch >= 2.8), else n products."""
+    if x.device.type == "cuda" and x.dtype != torch.float32:
+        try:
+            return torch.bmm(x, w.transpose(1, 2), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.stack([linear_fp32_out(xi, wi) for xi, wi in zip(x.unbind(0), w.unbind(0))])

@@ -160,6 +160,10 @@ def test_emulated_gpu_engine_matches_torch_path(make_ckpt, emulated, version, dt
     ckpt = make_ckpt(version, 3, 128, 512)
     model = load_model(ckpt, device="cpu", dtype=dtype)
     net = model.net
+    from rwkv_cli.models import rwkv4, rwkv7
+
+    for lw in net.layers:  # the GPU layout: prompts take the batched products of prefill.py
+        (rwkv7 if version == "7" else rwkv4).stack_for_prompts(lw)
     tol = 1e-4 if dtype == "fp32" else 5e-2
     tokens = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
     ref_logits, ref_state = net.forward_torch(tokens, net.zero_state(2))

@@ -2,10 +2,12 @@
 for everything between them. Same inputs and outputs as the methods of `RWKV7` / `RWKV4` they
 replace (`rwkv_cli/models/`), which stay the reference.
 
-RWKV-7 per layer: LN1 + the six token-shift mixes in one kernel (`ln_mix`), seven products and the
-LoRA up-projections, `wkv7_prep` (steps 3-7 for all tokens), `wkv7_seq` (the recurrence, state
+RWKV-7 per layer: LN1 + the six token-shift mixes in one kernel (`ln_mix`), r, k, v as one batched
+product and the four LoRA down-projections as another (stacked weights, `stack_for_prompts`),
+the LoRA up-projections, `wkv7_prep` (steps 3-7 for all tokens), `wkv7_seq` (the recurrence, state
 carried, one launch for the whole chunk), `wkv7_post` (GroupNorm, bonus, gate) for the positions
-that are kept, the output product. RWKV-4: `ln_mix`, products (k and v with fp32 output),
+that are kept, the output product. RWKV-4: `ln_mix`, products (k and v as one batched product
+with fp32 output),
 `wkv4_seq`, output product.
 """
 
@@ -14,12 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import linear_fp32_out
+from ..ops import bmm_fp32_out, linear_fp32_out
 from . import kops
 
 
 def _last(t: torch.Tensor, keep: int) -> torch.Tensor:
     return t if keep == t.shape[1] else t[:, -keep:].contiguous()
+
+
+def _ranks(lw) -> tuple[int, int, int, int]:
+    """The LoRA ranks of v (0 in layer 0), w, a and g: the rows of `lora_down` in use."""
+    return 0 if lw.v1 is None else lw.v1.shape[0], lw.w1.shape[0], lw.a1.shape[0], lw.g1.shape[0]
 
 
 def time_mix7(K, net, lw, x, st, v_first, keep: int):
@@ -28,17 +35,25 @@ def time_mix7(K, net, lw, x, st, v_first, keep: int):
     H = net.cfg.n_head
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.att_shift, *lw.ln1, lw.mix.view(6, C), v4_order=False)
     xr, xk, xv, xw, xa, xg = mixes.unbind(0)
-    r, k, v = F.linear(xr, lw.W_r), F.linear(xk, lw.W_k), F.linear(xv, lw.W_v)
-    wz = F.linear(torch.tanh(F.linear(xw, lw.w1)), lw.w2)
-    az = F.linear(F.linear(xa, lw.a1), lw.a2)
     first = lw.v0 is None
-    vz = None if first else F.linear(F.linear(xv, lw.v1), lw.v2)
+    if lw.W_rkv is not None:  # two batched products instead of seven: their host time is the cost
+        rows = mixes.view(6, B * T, C)
+        r, k, v = torch.bmm(rows[:3], lw.W_rkv.transpose(1, 2)).view(3, B, T, C).unbind(0)
+        down = torch.bmm(rows[2:], lw.lora_down.transpose(1, 2)).view(4, B, T, -1)  # inputs v, w, a, g
+        hv, hw, ha, hg = (down[i, ..., :n] for i, n in enumerate(_ranks(lw)))
+    else:
+        r, k, v = F.linear(xr, lw.W_r), F.linear(xk, lw.W_k), F.linear(xv, lw.W_v)
+        hw, ha, hg = F.linear(xw, lw.w1), F.linear(xa, lw.a1), F.linear(_last(xg, keep), lw.g1)
+        hv = None if first else F.linear(xv, lw.v1)
+    wz = F.linear(torch.tanh(hw), lw.w2)
+    az = F.linear(ha, lw.a2)
+    vz = None if first else F.linear(hv, lw.v2)
     r32, d, kk, kw, vw, beta = kops.wkv7_prep(K, r, k, v, wz, az, vz, None if first else v_first.contiguous(),
                                               lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H)
     if first:
         v_first = v
     y, wkv = kops.wkv7_seq(K, st.wkv.contiguous(), r32, d, kk, kw, beta, vw)
-    g = F.linear(torch.sigmoid(F.linear(_last(xg, keep), lw.g1)), lw.g2)
+    g = F.linear(torch.sigmoid(hg[:, -keep:]), lw.g2)
     out = kops.wkv7_post(K, *(_last(t, keep) for t in (y, r32, kw, vw)), g, lw.r_k, *lw.ln_x, H)
     return F.linear(out, lw.W_o), shift, wkv, v_first
 
@@ -56,7 +71,11 @@ def time_mix4(K, net, lw, x, st, keep: int):
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.att_shift, *lw.ln1, lw.att_mix.view(3, C), v4_order=True)
     xk, xv, xr = mixes.unbind(0)
     r = torch.sigmoid(F.linear(xr[:, -keep:], lw.W_r))
-    k, v = linear_fp32_out(xk, lw.W_k), linear_fp32_out(xv, lw.W_v)
+    if lw.W_kv is not None:  # k and v in one batched product (fp32 out: they feed exp())
+        B, T, _ = x.shape
+        k, v = bmm_fp32_out(mixes[:2].view(2, B * T, C), lw.W_kv).view(2, B, T, -1).unbind(0)
+    else:
+        k, v = linear_fp32_out(xk, lw.W_k), linear_fp32_out(xv, lw.W_v)
     y, num, den, mx = kops.wkv4_seq(K, lw.decay, lw.bonus, k.contiguous(), v.contiguous(),
                                     st.wkv_num.contiguous(), st.wkv_den.contiguous(), st.wkv_max.contiguous())
     return F.linear(r * y[:, -keep:].to(x.dtype), lw.W_o), shift, num, den, mx

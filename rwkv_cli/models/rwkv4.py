@@ -39,6 +39,16 @@ class Layer4:
     ffn_value: torch.Tensor  # [C, F]
     ffn_receptance: torch.Tensor  # [C, C]
     halve_after: bool  # fp16 only: halve the residual after this layer
+    # On a GPU, the [2, A, C] storage W_k and W_v are views of: a prompt forms both in one batched
+    # product (rwkv_cli/cuda/prefill.py). None on the CPU.
+    W_kv: torch.Tensor | None = None
+
+
+def stack_for_prompts(lw: Layer4) -> None:
+    """Make W_k and W_v views of one [2, A, C] tensor (no extra memory): their inputs are the first
+    two token-shift mixes, so a prompt forms k and v in one batched product."""
+    lw.W_kv = torch.stack([lw.W_k, lw.W_v])
+    lw.W_k, lw.W_v = lw.W_kv.unbind(0)
 
 
 def gated_channel_mix(lw, x: torch.Tensor, ffn_shift: torch.Tensor):
@@ -86,6 +96,8 @@ class RWKV4(RWKVBase):
                     halve_after=rescale and (i + 1) % RESCALE_EVERY == 0,
                 )
             )
+            if self.device.type == "cuda":
+                stack_for_prompts(self.layers[-1])
 
     def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
         new_layers = []
