@@ -15,6 +15,7 @@ the model fingerprint and every tensor's name and shape, and reports problems in
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import struct
@@ -71,8 +72,29 @@ def save_state(path: str | Path, state: State, model, *, logits: torch.Tensor | 
     return path
 
 
+def _process_gone(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists (owned by someone else)
+    return False
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files that earlier saves of `path` left behind when their process was killed mid-write."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_gone(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -87,6 +109,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise StateFileError(f"{path}: cannot save the state ({e.strerror or e})") from None
+    except BaseException:  # Ctrl-C mid-write: the old file stays, no temp file is left
+        tmp.unlink(missing_ok=True)
+        raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

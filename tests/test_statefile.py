@@ -198,3 +198,22 @@ def test_session_restore_continues_identically(model, world, tmp_path):
     b.restore(saved.state, saved.meta, saved.logits)
     assert [e.user for e in b.exchanges] == ["one", "two"] and b.system == "Be brief."
     assert "".join(b.send("three")) == third
+
+
+def test_saving_removes_temp_files_of_killed_saves(model, tmp_path):
+    """A save killed mid-write leaves `.NAME.PID.tmp`; the next save of NAME removes it once that
+    process is gone, and leaves alone the temp files of live processes and of other names."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    stale = tmp_path / f".s.{dead_pid}.tmp"
+    live = tmp_path / f".s.{os.getppid()}.tmp"
+    other = tmp_path / f".t.{dead_pid}.tmp"
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    _, state = model.forward([[1, 2]])
+    save_state(tmp_path / "s", state, model)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "s").exists()
