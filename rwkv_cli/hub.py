@@ -264,6 +264,17 @@ def _resolve_hf_layout(
     return ResolvedModel(path, text, spec.repo_id, entry, commit)
 
 
+def hf_shard_names(index: Path) -> list[str]:
+    """The repo paths of the shards a cached `*.index.json` lists ([] if it cannot be read)."""
+    from .checkpoint import weight_files
+    from .errors import CheckpointError
+
+    try:
+        return [p.relative_to(index.parent).as_posix() for p in weight_files(index)]
+    except (CheckpointError, ValueError, OSError):
+        return []
+
+
 def _shards(spec: HubSpec, entry: str, index: Path) -> list[str]:
     """The files a `*.index.json` shard index lists (its `weight_map` values), in order."""
     from .checkpoint import weight_files

@@ -186,3 +186,25 @@ def test_rwkv_pull_and_show_take_the_repo(cache):
     result = invoke(cache.parent, "show", "RWKV/rwkv-4-tiny-pile")
     assert result.exit_code == 0, result.output
     assert "RWKV-4" in result.stdout and "tokenizer.json beside the checkpoint" in result.stdout
+
+
+def test_rwkv_list_shows_one_row_per_hugging_face_snapshot(cache):
+    """A sharded repo is one row (its index, the shards' total size, the version read across the
+    shards), not one unreadable row per shard; a pytorch_model.bin repo is listed too."""
+    import json as json_
+
+    from .test_cli_models import invoke
+
+    files, _ = rwkv7_sharded_repo()
+    add_to_cache(cache, "fla-hub/rwkv7-tiny", files)
+    bin_files, _ = rwkv4_bin_repo()
+    add_to_cache(cache, "RWKV/rwkv-4-tiny-pile", bin_files)
+    result = invoke(cache.parent, "list", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["repo"]: r for r in json_.loads(result.stdout)}
+    assert set(rows) == {"fla-hub/rwkv7-tiny", "RWKV/rwkv-4-tiny-pile"}
+    sharded = rows["fla-hub/rwkv7-tiny"]
+    assert sharded["file"] == "model.safetensors.index.json" and sharded["version"] == "RWKV-7"
+    assert sharded["size"] == sum(len(files[s]) for s in SHARDS)
+    assert rows["RWKV/rwkv-4-tiny-pile"]["file"] == "pytorch_model.bin"
+    assert rows["RWKV/rwkv-4-tiny-pile"]["version"] == "RWKV-4"

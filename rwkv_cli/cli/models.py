@@ -65,9 +65,9 @@ def list_models(
       rwkv list
       rwkv list --json
     """
-    from ..hub import CHECKPOINT_SUFFIXES, cached_files, hub_cache_dir
+    from ..hub import cached_files, hub_cache_dir
 
-    rows = [_describe(c) for c in cached_files() if c.filename.endswith(CHECKPOINT_SUFFIXES)]
+    rows = [_describe(c, size) for c, size in _checkpoints(cached_files())]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -91,8 +91,31 @@ def _ls(as_json: bool = typer.Option(False, "--json")) -> None:
     list_models(as_json)
 
 
-def _describe(c) -> dict:
-    """One `rwkv list` row; the architecture comes from tensor shapes (a safetensors header, or a
+def _checkpoints(files) -> list:
+    """(cached file, size) for each checkpoint in the cache: BlinkDL files (.pth, .safetensors) one
+    by one; a Hugging Face-layout snapshot as its entry point (`model.safetensors`, a shard index
+    with the total size of its cached shards, or `pytorch_model.bin`), its shards not listed apart."""
+    from ..hub import CHECKPOINT_SUFFIXES, HF_ENTRIES, hf_shard_names
+
+    by_snapshot: dict = {}
+    for c in files:
+        by_snapshot.setdefault((c.repo_id, c.commit), []).append(c)
+    out = []
+    for snapshot in by_snapshot.values():
+        names = {c.filename: c for c in snapshot}
+        shards: set = set()
+        for c in snapshot:
+            if c.filename.endswith(".index.json") and c.filename in HF_ENTRIES:
+                listed = hf_shard_names(c.path)
+                shards |= set(listed)
+                out.append((c, sum(names[n].size for n in listed if n in names)))
+        out += [(c, c.size) for c in snapshot if c.filename not in shards
+                and (c.filename.endswith(CHECKPOINT_SUFFIXES) or c.filename == "pytorch_model.bin")]
+    return sorted(out, key=lambda cs: (cs[0].repo_id.lower(), cs[0].filename, cs[0].commit))
+
+
+def _describe(c, size: int | None = None) -> dict:
+    """One `rwkv list` row; the architecture comes from tensor shapes (safetensors headers, or a
     memory-mapped .pth), so listing does not load any weights."""
     from math import prod
 
@@ -101,7 +124,7 @@ def _describe(c) -> dict:
     from ..errors import RWKVError, UnsupportedModelError
 
     row = {"repo": c.repo_id, "file": c.filename, "revision": c.commit, "refs": list(c.refs)}
-    row.update(size=c.size, path=str(c.path), version="?", size_class="-", params=None)
+    row.update(size=c.size if size is None else size, path=str(c.path), version="?", size_class="-", params=None)
     try:
         shapes = read_shapes(c.path)
         cfg = infer_config(shapes)
