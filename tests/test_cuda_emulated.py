@@ -259,3 +259,17 @@ def test_decoding_buffers_are_reused_only_when_nobody_holds_them(make_ckpt, emul
     # the start state was copied in, never written
     _, again = net.forward_torch(toks[:, :5], net.zero_state(2))
     assert all(torch.equal(a, b) for a, b in zip(start.tensors(), again.tensors()))
+
+
+def test_torch_backend_step_reuses_its_buffers(make_ckpt, emulated):
+    """The PyTorch-path step (RWKV-7a here), run eagerly, also ping-pongs between two buffers: its
+    per-layer views of the source are made when the step is built, so they count as its own."""
+    from rwkv_cli.cuda.graph import GraphStep
+
+    net = load_model(make_ckpt("7a", 2, 128, 512), device="cpu", dtype="fp32").net
+    step = GraphStep(net, 1, use_graph=False)
+    assert step.backend == "torch"
+    _, st = net.forward_torch(torch.tensor([[1, 2, 3]]), net.zero_state(1))
+    for t in range(8):
+        _, st = step(torch.tensor([[t]]), st)
+    assert len(step.buffers) == 2 and len(step.steps) == 2

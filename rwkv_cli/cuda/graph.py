@@ -192,6 +192,7 @@ class GraphStep:
 
     def _torch_step(self, src: State, dst: State, logits_out: torch.Tensor):
         dst_tensors = list(dst.tensors())
+        _ = src.layers  # the lazy per-layer views are made now: they count as this step's own
 
         def step():
             logits, new = self.net.forward_torch(self.tokens.view(-1, 1), src)
