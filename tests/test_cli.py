@@ -50,3 +50,22 @@ def test_bad_file_is_one_line_error_and_exit_1(tmp_path):
 
 def test_unknown_command_is_usage_error():
     assert run_rwkv("frobnicate").returncode == 2
+
+
+def test_bench_times_prompt_and_generation(make_ckpt):
+    """`rwkv bench` (like llama-bench) on the CPU: one JSON object per test, rates > 0, the
+    weights counted once, and a table without --json."""
+    import json
+
+    ckpt = str(make_ckpt("7", 2, 64, 1024))
+    result = CliRunner().invoke(app, ["bench", "-m", ckpt, "-p", "8", "-n", "4", "-b", "1", "-b", "2", "-r", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["test"], r["batch"]) for r in rows] == [("pp8", 1), ("tg4", 1), ("pp8", 2), ("tg4", 2)]
+    assert all(r["tok_s"] > 0 for r in rows) and rows[1]["ms_per_step"] > 0
+    from rwkv_cli import load_model
+
+    net = load_model(ckpt, "cpu", "fp32").net
+    assert rows[0]["weights_bytes"] == sum(t.numel() * t.element_size() for t in net._all_tensors())
+    table = CliRunner().invoke(app, ["bench", "-m", ckpt, "-p", "8", "-n", "2", "-r", "1"])
+    assert table.exit_code == 0 and "| pp8" in table.stdout and "| tg2" in table.stdout

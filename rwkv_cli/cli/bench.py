@@ -64,14 +64,18 @@ def _time_gen(model, B: int, N: int, reps: int) -> list[float]:
 
     toks = torch.randint(0, model.cfg.vocab_size, (B, 16), generator=torch.Generator().manual_seed(1))
     logits, state = model.forward(toks)
+
+    def step(logits, state):  # greedy, the ids read back as a generation loop does
+        return model.forward([[i] for i in logits.argmax(-1).tolist()], state)
+
     for _ in range(3):  # warm-up steps: the CUDA graph for this batch size is captured here
-        logits, state = model.forward(logits.argmax(-1, keepdim=True), state)
+        logits, state = step(logits, state)
     out = []
     for _ in range(reps):
         _sync(model.device)
         t0 = time.perf_counter()
         for _ in range(N):
-            logits, state = model.forward(logits.argmax(-1, keepdim=True), state)
+            logits, state = step(logits, state)
         _sync(model.device)
         out.append(B * N / (time.perf_counter() - t0))
     return out
@@ -106,7 +110,7 @@ def bench(
     # No tokenizer: timing needs none, and an offline machine may not have GPT-NeoX's cached.
     m, _ = load_model_for_cli(model, revision, offline, device, dtype, quiet=True, tokenizer=False)
     dev = m.device
-    weights = sum(t.numel() * t.element_size() for t in m.net._all_tensors())
+    weights = m.net.weights_nbytes()
     dtype_name = str(m.dtype).replace("torch.", "")
     backend = "PyTorch (CPU)"
     where = f"{dev}"

@@ -122,11 +122,14 @@ class RWKVBase:
         """Prompt chunk length on a GPU: long enough to amortise launches, while the temporaries
         (about 72 * C bytes a token) stay within ~5% of the weights' memory. A power of two."""
         if getattr(self, "_gpu_chunk", None) is None:
-            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._all_tensors()}
-            nbytes = sum(storages.values())  # views of one stacked tensor count once
-            tokens = int(0.05 * nbytes / (72 * self.cfg.n_embd))
+            tokens = int(0.05 * self.weights_nbytes() / (72 * self.cfg.n_embd))
             self._gpu_chunk = max(256, min(4096, 1 << max(0, tokens.bit_length() - 1)))
         return self._gpu_chunk
+
+    def weights_nbytes(self) -> int:
+        """Bytes of the loaded weights (views of one stacked tensor count once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._all_tensors()}
+        return sum(storages.values())
 
     def _all_tensors(self):
         yield from (self.emb, *self.ln_out, self.head)
