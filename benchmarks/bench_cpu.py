@@ -41,7 +41,6 @@ def time_engine(forward, first_logits, n_decode: int, n_warmup: int, prompt: lis
 
 def worker(args) -> None:
     import torch
-
     from rwkv.model import RWKV  # the reference (class chosen by RWKV_V7_ON)
 
     from rwkv_cli import load_model

@@ -233,7 +233,8 @@ def run_kernels(args) -> None:
     # token shift or as given, and C x 4C). Each case cycles through copies of its weights (256 MB
     # or more) so that they stream from DRAM as in a decoding step, not from the 50 MB L2; on
     # Hopper the gemv launches are programmatic dependent launches (RWKV_CUDA_PDL=0: ordinary).
-    for Cw in (C, 768):
+    def gemv_cases(Cw: int):
+        """(name, make the products, their PyTorch twin) for width Cw, and the weight copies."""
         x, h = torch.randn(1, Cw, device="cuda", dtype=dt), torch.randn(1, 4 * Cw, device="cuda", dtype=dt)
         y4 = [torch.empty(1, Cw, device="cuda", dtype=dt) for _ in range(4)]
         yk, yv = torch.empty(1, 4 * Cw, device="cuda", dtype=dt), torch.empty(1, Cw, device="cuda", dtype=dt)
@@ -252,6 +253,10 @@ def run_kernels(args) -> None:
             ("FFN value C x 4C (+ residual)", lambda: [twins.Seg(h, W(Cw, 4 * Cw), yv, res=yv)],
              lambda segs: yv + F.linear(h, segs[0].W)),
         ]
+        return cases, copies
+
+    for Cw in (C, 768):
+        cases, copies = gemv_cases(Cw)
         for name, make, twin in cases:
             sets = [make() for _ in range(copies)]
             nbytes = sum(s.W.numel() * 2 for s in sets[0])

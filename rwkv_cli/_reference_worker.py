@@ -22,9 +22,8 @@ import torch
 
 
 def run_job(job: dict) -> None:
-    from safetensors.torch import save_file
-
     from rwkv.model import RWKV  # the reference; RWKV_V7_ON decides which class this is
+    from safetensors.torch import save_file
 
     ckpt = job["checkpoint"]
     model = RWKV(model=ckpt[: -len(".pth")], strategy=job["strategy"])

@@ -203,7 +203,7 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
             if tokens is None:
                 raise non_finite_error(model.dtype)
             keep, finished = [], []
-            for row, (i, token) in enumerate(zip(active, tokens)):
+            for row, (i, token) in enumerate(zip(active, tokens, strict=False)):
                 req, res = requests[i], out[i]
                 if token == eos:
                     res["finish_reason"] = "stop"

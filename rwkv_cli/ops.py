@@ -110,4 +110,4 @@ def bmm_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return torch.bmm(x, w.transpose(1, 2), out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    return torch.stack([linear_fp32_out(xi, wi) for xi, wi in zip(x.unbind(0), w.unbind(0))])
+    return torch.stack([linear_fp32_out(xi, wi) for xi, wi in zip(x.unbind(0), w.unbind(0), strict=False)])

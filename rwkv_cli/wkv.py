@@ -81,14 +81,14 @@ def _scan4(a, b, p, w):
     while s < P:
         left = [blocks(t, s)[:, :, 0, -1] for t in (a, b, p)]
         right = [blocks(t, s)[:, :, 1, -1] for t in (a, b, p)]
-        for dst, val in zip(right, _combine4(*left, *right, s * w)):
+        for dst, val in zip(right, _combine4(*left, *right, s * w), strict=False):
             dst.copy_(val)
         s *= 2
     s //= 4
     while s >= 1:
         done = [blocks(t, s)[:, :-1, 1, -1] for t in (a, b, p)]  # prefixes ending at (m+1)*2s - 1
         todo = [blocks(t, s)[:, 1:, 0, -1] for t in (a, b, p)]  # the s-block right after each
-        for dst, val in zip(todo, _combine4(*done, *todo, s * w)):
+        for dst, val in zip(todo, _combine4(*done, *todo, s * w), strict=False):
             dst.copy_(val)
         s //= 2
 

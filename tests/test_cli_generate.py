@@ -52,7 +52,7 @@ def test_json_and_prompt_sources(model, tmp_path):
     assert run_json("Summarise:", stdin=b"some notes")["tokens"] == base["tokens"]
     (tmp_path / "p.txt").write_text("some notes")
     assert run_json("Summarise:", "-f", tmp_path / "p.txt")["tokens"] == base["tokens"]
-    assert run_json("-", stdin="Summarise:\n\nsome notes".encode())["tokens"] == base["tokens"]
+    assert run_json("-", stdin=b"Summarise:\n\nsome notes")["tokens"] == base["tokens"]
 
 
 def test_stop_string_is_not_printed(model):

@@ -50,7 +50,7 @@ def wkv7_prep(r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, r_o, d_o, kk_o, kw_
     C = k.shape[-1]
     outs = twins.wkv7_prep(*(None if t is None else _rows(t, C) for t in (r, k, v, wz, az, vz, vf)),
                            w0, a0, v0, k_k, k_a, H)
-    for dst, src in zip((r_o, d_o, kk_o, kw_o, vw_o, beta_o), outs):
+    for dst, src in zip((r_o, d_o, kk_o, kw_o, vw_o, beta_o), outs, strict=False):
         dst.reshape(-1).copy_(src.reshape(-1))
 
 
@@ -80,13 +80,13 @@ def wkv7_step(r, k, v, wz, az, vz, g, vf, first, w0, a0, v0, k_k, k_a, r_k, ln_w
 
 def wkv4_seq(w, u, k, v, num, den, mx, y, num_o, den_o, mx_o, B, T, A):
     outs = wkv4_sequence(w, u, k, v, num, den, mx)
-    for dst, src in zip((y, num_o, den_o, mx_o), outs):
+    for dst, src in zip((y, num_o, den_o, mx_o), outs, strict=False):
         dst.copy_(src)
 
 
 def wkv4_step(w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o, B, A):
     outs = twins.wkv4_step(w, u, k, v, r, num, den, mx)
-    for dst, src in zip((out, num_o, den_o, mx_o), outs):
+    for dst, src in zip((out, num_o, den_o, mx_o), outs, strict=False):
         dst.copy_(src)
 
 
@@ -171,7 +171,7 @@ def test_emulated_gpu_engine_matches_torch_path(make_ckpt, emulated, version, dt
     logits, state = net.forward_torch(tokens, net.zero_state(2))
     scale = float(ref_logits.abs().max())
     assert float((logits.float() - ref_logits.float()).abs().max()) <= tol * scale
-    for a, b in zip(state.tensors(), ref_state.tensors()):
+    for a, b in zip(state.tensors(), ref_state.tensors(), strict=False):
         assert float((a.float() - b.float()).abs().max()) <= tol * max(1.0, float(b.float().abs().max()))
 
     step = GraphStep(net, 2, use_graph=False)
@@ -181,7 +181,7 @@ def test_emulated_gpu_engine_matches_torch_path(make_ckpt, emulated, version, dt
     ref_logits, ref_state = net.forward_torch(nxt, ref_state)
     logits, new = step(nxt, state)
     assert float((logits - ref_logits.float()).abs().max()) <= tol * float(ref_logits.abs().max())
-    for a, b in zip(new.tensors(), ref_state.tensors()):
+    for a, b in zip(new.tensors(), ref_state.tensors(), strict=False):
         assert float((a.float() - b.float()).abs().max()) <= tol * max(1.0, float(b.float().abs().max()))
     # the input state is untouched and the returned one is fresh: a second step from `state` agrees
     logits2, _ = step(nxt, state)
@@ -218,7 +218,7 @@ def test_deep_embed_stays_on_the_torch_path(make_ckpt, emulated, monkeypatch, ca
     ref_logits, ref_state = net.forward_torch(nxt, state)
     logits, new = step(nxt, state)
     assert torch.allclose(logits, ref_logits.float(), rtol=0, atol=1e-5 * float(ref_logits.abs().max()))
-    for a, b in zip(new.tensors(), ref_state.tensors()):
+    for a, b in zip(new.tensors(), ref_state.tensors(), strict=False):
         assert torch.allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(b.abs().max())))
 
 
@@ -252,13 +252,13 @@ def test_decoding_buffers_are_reused_only_when_nobody_holds_them(make_ckpt, emul
         elif t % 5 == 2:
             views.append((st.layers[1].ffn_shift, st.layers[1].ffn_shift.clone()))
     for held, copy in kept:
-        assert all(torch.equal(a, b) for a, b in zip(held.tensors(), copy))
+        assert all(torch.equal(a, b) for a, b in zip(held.tensors(), copy, strict=False))
     for view, copy in views:
         assert torch.equal(view, copy)
     assert len(step.buffers) <= 3
     # the start state was copied in, never written
     _, again = net.forward_torch(toks[:, :5], net.zero_state(2))
-    assert all(torch.equal(a, b) for a, b in zip(start.tensors(), again.tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(start.tensors(), again.tensors(), strict=False))
 
 
 def test_torch_backend_step_reuses_its_buffers(make_ckpt, emulated):

@@ -82,9 +82,9 @@ def test_graph_replay_equals_eager_and_snapshots_stay_valid(make_ckpt, version):
         lg, st = step(toks[:, t : t + 1].cuda(), st)
         assert torch.equal(lg, runs[True][0][t - 12])
     assert len(step.buffers) == 2 and len(step.steps) == 2
-    for t, (lg, le) in enumerate(zip(runs[True][0], runs[False][0])):
+    for t, (lg, le) in enumerate(zip(runs[True][0], runs[False][0], strict=False)):
         assert torch.equal(lg, le), f"step {t}: graph and eager launches differ"
-    for a, b in zip(runs[True][1].tensors(), runs[False][1].tensors()):
+    for a, b in zip(runs[True][1].tensors(), runs[False][1].tensors(), strict=False):
         assert torch.equal(a, b)
     # two captured graphs alive and called in turns (GraphCache with several batch sizes) must not
     # touch each other's buffers (prepared launches point into them)
@@ -101,7 +101,7 @@ def test_graph_replay_equals_eager_and_snapshots_stay_valid(make_ckpt, version):
     l1b, _ = model.forward(toks[:, 12:13], s0)
     l2b, _ = model.forward(toks[:, 13:14], s1)
     assert torch.equal(l1, l1b) and torch.equal(l2, l2b)
-    assert all(torch.equal(a, b) for a, b in zip(before, s0.tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(before, s0.tensors(), strict=False))
     # states kept by the caller (chat snapshots), whole or as a single view, are never overwritten
     step, st, kept, views = GraphStep(model.net, 2), s0, [], []
     for t in range(12, 20):
@@ -113,7 +113,7 @@ def test_graph_replay_equals_eager_and_snapshots_stay_valid(make_ckpt, version):
     for _ in range(6):
         _, st = step(toks[:, 19:20].cuda(), st)
     for held, copy in kept:
-        assert all(torch.equal(a, b) for a, b in zip(held.tensors(), copy))
+        assert all(torch.equal(a, b) for a, b in zip(held.tensors(), copy, strict=False))
     for view, copy in views:
         assert torch.equal(view, copy)
     assert len(step.buffers) <= 3

@@ -104,7 +104,7 @@ def test_gemv_segments(K, dtype, B):
             else:
                 payload, grid, smem = kops.gemv_payload(group, **plan)
                 kops.gemv_kernel(K, group).launch(grid, 256, payload, smem)
-            for s, r in zip(group, ref):
+            for s, r in zip(group, ref, strict=False):
                 tol = 2e-5 if s.y.dtype == torch.float32 and s.in_act < 3 else HALF_TOL[dtype]
                 where = f"plan {plan}, segment O={s.W.shape[0]} I={s.W.shape[1]} in_act={s.in_act}"
                 assert rel_err(s.y, r.y) <= tol, where
@@ -131,7 +131,7 @@ def test_wkv7_prep_and_post(K, dtype, first):
     R, H = 37, 3
     t, p = _v7_inputs(R, H, dtype, first=first)
     args = (t["r"], t["k"], t["v"], t["wz"], t["az"], t["vz"], t["vf"], p["w0"], p["a0"], p["v0"], p["k_k"], p["k_a"], H)
-    for out, ref in zip(kops.wkv7_prep(K, *args), twins.wkv7_prep(*args)):
+    for out, ref in zip(kops.wkv7_prep(K, *args), twins.wkv7_prep(*args), strict=False):
         assert rel_err(out, ref) <= 1e-4
     C = H * 64
     y, r, kw, vw = (randn(R, C) for _ in range(4))
@@ -206,7 +206,7 @@ def test_wkv4_sequence_matches_twin(K, T):
     num, den, mx = randn(B, A, gen=gen), torch.rand(B, A, generator=gen, device="cuda") + 0.1, randn(B, A, gen=gen)
     mx[0] = -1e30  # an empty state
     outs = kops.wkv4_seq(K, w, u, k, v, num, den, mx)
-    for out, ref, name in zip(outs, wkv4_sequence(w, u, k, v, num, den, mx), ("y", "num", "den", "max")):
+    for out, ref, name in zip(outs, wkv4_sequence(w, u, k, v, num, den, mx), ("y", "num", "den", "max"), strict=False):
         assert rel_err(out, ref) <= 1e-4, name
 
 
@@ -224,5 +224,5 @@ def test_wkv4_step_matches_twin(K, dtype):
     kops.wkv4_step(K, w, u, k, v, r, num, den, mx, out, *new)
     ref = twins.wkv4_step(w, u, k, v, r, num, den, mx)
     assert rel_err(out, ref[0]) <= HALF_TOL[dtype]
-    for a, b in zip(new, ref[1:]):
+    for a, b in zip(new, ref[1:], strict=False):
         assert rel_err(a, b) <= 2e-5

@@ -17,7 +17,13 @@ from rwkv_cli.config import infer_config
 from rwkv_cli.errors import CheckpointError, UnsupportedModelError
 from rwkv_cli.testing import random_state_dict, write_checkpoint
 
-from .conftest import check_half_precision, check_prompt_then_steps, check_sequence_equals_steps, parity_tokens, shape_id
+from .conftest import (
+    check_half_precision,
+    check_prompt_then_steps,
+    check_sequence_equals_steps,
+    parity_tokens,
+    shape_id,
+)
 
 # (version, layers, width, vocab): >= 3 layers, head size 64, several heads at C = 256
 SHAPES7A = [("7a", 3, 128, 1024), ("7a", 4, 256, 2048)]

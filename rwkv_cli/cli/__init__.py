@@ -37,7 +37,8 @@ def _root(
     """Run RWKV language models from the terminal."""
 
 
-from . import info  # noqa: E402,F401  (registers commands)
+# Registration order is the order `rwkv --help` lists the commands in.
+from . import info  # noqa: E402,F401,I001  (registers commands)
 from . import models  # noqa: E402,F401
 from . import tokenize  # noqa: E402,F401
 from . import generate  # noqa: E402,F401

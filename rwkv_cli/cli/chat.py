@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -46,10 +46,10 @@ def chat(
     offline: c.Offline = False,
     device: c.Device = "auto",
     dtype: c.Dtype = "auto",
-    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.", rich_help_panel="Chat")] = None,
-    state_file: Annotated[Optional[Path], typer.Option("--state", help="Resume this saved conversation (if it exists) and keep it saved after every turn.", rich_help_panel="Chat")] = None,
-    init_state: Annotated[Optional[Path], typer.Option("--init-state", help="A BlinkDL state-tuned file (blocks.N.att.time_state) as the initial state (RWKV-5, 6, 7).", rich_help_panel="Chat")] = None,
-    think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="G1 reasoning on (<think) or off (empty think block); default: no think tags.", rich_help_panel="Chat")] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", rich_help_panel="Chat")] = None,
+    state_file: Annotated[Path | None, typer.Option("--state", help="Resume this saved conversation (if it exists) and keep it saved after every turn.", rich_help_panel="Chat")] = None,
+    init_state: Annotated[Path | None, typer.Option("--init-state", help="A BlinkDL state-tuned file (blocks.N.att.time_state) as the initial state (RWKV-5, 6, 7).", rich_help_panel="Chat")] = None,
+    think: Annotated[bool | None, typer.Option("--think/--no-think", help="G1 reasoning on (<think) or off (empty think block); default: no think tags.", rich_help_panel="Chat")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: your text goes to the model as is.", rich_help_panel="Chat")] = False,
     show_transcript: Annotated[bool, typer.Option("--transcript", help="Print the resumed conversation first.", rich_help_panel="Chat")] = False,
     no_history: Annotated[bool, typer.Option("--no-history", help="Do not keep an input history file.", rich_help_panel="Chat")] = False,

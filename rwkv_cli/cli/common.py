@@ -7,29 +7,29 @@ documents them the same way. Nothing heavy is imported at module level.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..hub import MODEL_HELP
 
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP, rich_help_panel="Model")]
-Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
+Model = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, rich_help_panel="Model")]
+Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
 Offline = Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache.", rich_help_panel="Model")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: the GPU when there is one).", rich_help_panel="Model")]
 Dtype = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, fp16 on GPU).", rich_help_panel="Model")]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (-1: until a stop).", rich_help_panel="Sampling")]
-Temperature = Annotated[Optional[float], typer.Option("--temperature", "--temp", help="0 = greedy.", rich_help_panel="Sampling")]
-TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus cut-off (applied before temperature).", rich_help_panel="Sampling")]
-TopK = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: off).", rich_help_panel="Sampling")]
-MinP = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.", rich_help_panel="Sampling")]
-Presence = Annotated[Optional[float], typer.Option("--presence-penalty", help="Subtracted once a token has appeared.", rich_help_panel="Sampling")]
-Frequency = Annotated[Optional[float], typer.Option("--frequency-penalty", help="Subtracted per (decayed) occurrence.", rich_help_panel="Sampling")]
-Decay = Annotated[Optional[float], typer.Option("--penalty-decay", help="Occurrence counts decay by this per token.", rich_help_panel="Sampling")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same output).", rich_help_panel="Sampling")]
-Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable; not printed).", rich_help_panel="Sampling")]
-Ban = Annotated[Optional[list[int]], typer.Option("--ban-token", help="Never sample this token id (repeatable).", rich_help_panel="Sampling")]
+Temperature = Annotated[float | None, typer.Option("--temperature", "--temp", help="0 = greedy.", rich_help_panel="Sampling")]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus cut-off (applied before temperature).", rich_help_panel="Sampling")]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0: off).", rich_help_panel="Sampling")]
+MinP = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min_p x the top probability.", rich_help_panel="Sampling")]
+Presence = Annotated[float | None, typer.Option("--presence-penalty", help="Subtracted once a token has appeared.", rich_help_panel="Sampling")]
+Frequency = Annotated[float | None, typer.Option("--frequency-penalty", help="Subtracted per (decayed) occurrence.", rich_help_panel="Sampling")]
+Decay = Annotated[float | None, typer.Option("--penalty-decay", help="Occurrence counts decay by this per token.", rich_help_panel="Sampling")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same output).", rich_help_panel="Sampling")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable; not printed).", rich_help_panel="Sampling")]
+Ban = Annotated[list[int] | None, typer.Option("--ban-token", help="Never sample this token id (repeatable).", rich_help_panel="Sampling")]
 
 
 def err(message: str) -> None:

@@ -8,7 +8,7 @@ mapping, with no pickle to trust, and `rwkv` reads it like the original.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,7 +21,7 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 def convert(
     source: Annotated[str, typer.Argument(help="A checkpoint file or folder, or a Hub spec / alias.")],
     output: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
-    dtype: Annotated[Optional[str], typer.Option(help="Cast the weights: fp32 | bf16 | fp16 (default: keep).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Cast the weights: fp32 | bf16 | fp16 (default: keep).")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")] = False,
 ) -> None:

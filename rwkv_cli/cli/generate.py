@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,12 +18,12 @@ BATCH_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "f
 
 @app.command()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt ('-' or none: read stdin). With piped stdin, this text goes first, as an instruction.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the prompt from this file.", rich_help_panel="Input")] = None,
-    batch: Annotated[Optional[Path], typer.Option("--batch", help="JSONL file, one {\"prompt\": ...} per line; writes one JSON line per input, in order.", rich_help_panel="Input")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt ('-' or none: read stdin). With piped stdin, this text goes first, as an instruction.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.", rich_help_panel="Input")] = None,
+    batch: Annotated[Path | None, typer.Option("--batch", help="JSONL file, one {\"prompt\": ...} per line; writes one JSON line per input, in order.", rich_help_panel="Input")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together with --batch (0: 8 on CPU, 64 on GPU).", rich_help_panel="Input")] = 0,
-    state: Annotated[Optional[Path], typer.Option("--state", help="Start from this state file (rwkv state save / chat --state); the prompt may then be empty.", rich_help_panel="Input")] = None,
-    save_state: Annotated[Optional[Path], typer.Option("--save-state", help="Save the state after generating (to continue later).", rich_help_panel="Output")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Start from this state file (rwkv state save / chat --state); the prompt may then be empty.", rich_help_panel="Input")] = None,
+    save_state: Annotated[Path | None, typer.Option("--save-state", help="Save the state after generating (to continue later).", rich_help_panel="Output")] = None,
     model: c.Model = None,
     revision: c.Revision = None,
     offline: c.Offline = False,

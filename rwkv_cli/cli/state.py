@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,8 +18,8 @@ app.add_typer(state_app, name="state")
 @state_app.command("save")
 def save(
     output: Annotated[Path, typer.Option("--output", "-o", help="The state file to write.")],
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to read into the state.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from this file ('-': stdin).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to read into the state.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file ('-': stdin).")] = None,
     model: c.Model = None,
     revision: c.Revision = None,
     offline: c.Offline = False,

@@ -101,7 +101,7 @@ def build_step7(net, K, src, dst, tokens, logits):
     hidden = b.buf(B, net.layers[0].ffn_key.shape[0])
 
     def body(x):
-        for lw, st, new in zip(net.layers, src.layers, dst.layers):
+        for lw, st, new in zip(net.layers, src.layers, dst.layers, strict=False):
             first = lw.v0 is None
             lo = {n: b.buf(B, getattr(lw, n + "1").shape[0]) for n in ("w", "a", "v", "g") if not (first and n == "v")}
             ir, ik, iv, iw, ia, ig = b.normed(x, st.att_shift, lw.ln1, lw.mix.view(6, C), False, new.att_shift)
@@ -132,7 +132,7 @@ def build_step4(net, K, src, dst, tokens, logits):
     hidden, rr = b.buf(B, net.layers[0].ffn_key.shape[0]), b.buf(B, C)
 
     def body(x):
-        for lw, st, new in zip(net.layers, src.layers, dst.layers):
+        for lw, st, new in zip(net.layers, src.layers, dst.layers, strict=False):
             ik, iv, ir = b.normed(x, st.att_shift, lw.ln1, lw.att_mix.view(3, C), True, new.att_shift)
             b.products([Seg(W=lw.W_k, y=k, **ik), Seg(W=lw.W_v, y=v, **iv), Seg(W=lw.W_r, y=r, out_act=2, **ir)])
             kern = K.get(f"wkv4_step_{kops.SUFFIX[b.dt]}")

@@ -68,8 +68,8 @@ class FlatState:
     def layers(self, act, f32) -> list:
         att, ffn = act[:, 0].unbind(0), act[:, 1].unbind(0)
         if self.cfg.version == "7":
-            return [RWKV7LayerState(a, w, f) for a, w, f in zip(att, f32.unbind(0), ffn)]
-        return [RWKV4LayerState(a, n, d, m, f) for a, (n, d, m), f in zip(att, (t.unbind(0) for t in f32.unbind(0)), ffn)]
+            return [RWKV7LayerState(a, w, f) for a, w, f in zip(att, f32.unbind(0), ffn, strict=False)]
+        return [RWKV4LayerState(a, n, d, m, f) for a, (n, d, m), f in zip(att, (t.unbind(0) for t in f32.unbind(0)), ffn, strict=False)]
 
     def matches(self, state: State) -> bool:
         flat = getattr(state, "_flat", None)
@@ -81,7 +81,7 @@ class FlatState:
             dst._flat[0].copy_(src._flat[0])
             dst._flat[1].copy_(src._flat[1])
             return
-        pairs = [(d, s) for d, s in zip(dst.tensors(), src.tensors())]
+        pairs = [(d, s) for d, s in zip(dst.tensors(), src.tensors(), strict=False)]
         for d, s in pairs:
             if d.shape != s.shape:
                 raise ValueError(f"state tensor of shape {list(s.shape)} where {list(d.shape)} was expected")
@@ -156,7 +156,7 @@ class GraphStep:
             for slot, counts in held.items():
                 if slot != old.slot:
                     buf = self.buffers[slot]
-                    buf.idle = [i - c for i, c in zip(buf.idle, counts)]
+                    buf.idle = [i - c for i, c in zip(buf.idle, counts, strict=False)]
         self.buffers[old.slot] = _Buffer(self.layout, old.slot, self.net.cfg.vocab_size)
         return self.buffers[old.slot]
 
@@ -184,9 +184,9 @@ class GraphStep:
             graph = self._capture(run, src) if self.use_graph else None
             del src_state, dst_state, logits
             gc.collect()  # builders hold reference cycles: count only the views that stay
-            held = {b.slot: [a - c for a, c in zip(_users(b.flat), before[b.slot])] for b in (src, dst)}
+            held = {b.slot: [a - c for a, c in zip(_users(b.flat), before[b.slot], strict=False)] for b in (src, dst)}
             for b in (src, dst):
-                b.idle = [i + c for i, c in zip(b.idle, held[b.slot])]
+                b.idle = [i + c for i, c in zip(b.idle, held[b.slot], strict=False)]
             self.steps[key] = (graph.replay if graph is not None else run, held)
         return self.steps[key][0]
 
@@ -221,7 +221,7 @@ class GraphStep:
             self.use_graph = False
             return None
         finally:
-            for t, s in zip(src.flat[:2], saved):
+            for t, s in zip(src.flat[:2], saved, strict=False):
                 t.copy_(s)
 
     def _set_tokens(self, tokens: torch.Tensor) -> None:

@@ -117,7 +117,7 @@ def gemv_plan(shapes: list[tuple[int, int]], sms: int, blocks_per_sm: int | None
         per_block = max(1, -(-sum(n_tiles) // cap))
         while sum(-(-n // per_block) for n in n_tiles) > cap:
             per_block += 1
-    return [(k, -(-n // per_block)) for k, n in zip(ks, n_tiles)]
+    return [(k, -(-n // per_block)) for k, n in zip(ks, n_tiles, strict=False)]
 
 
 def gemv_smem_bytes(B: int, In: int, in_act: int) -> int:
@@ -140,7 +140,7 @@ def gemv_payload(segs: list[Seg], sms: int | None = None, blocks_per_sm: int | N
         _check_seg(s, B)
     plan = gemv_plan([tuple(s.W.shape) for s in segs], sms or _sm_count(segs[0].W), blocks_per_sm, persistent)
     fields, start, smem = [], 0, 0
-    for s, (ks, n_blocks) in zip(segs, plan):
+    for s, (ks, n_blocks) in zip(segs, plan, strict=False):
         O, In = s.W.shape
         ln = s.ln or (None, None)
         fields += [s.x.data_ptr(), s.W.data_ptr(), s.y.data_ptr(), _ptr(s.res), _ptr(s.gate), _ptr(s.shift),

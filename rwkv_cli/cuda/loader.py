@@ -108,7 +108,7 @@ class Kernel:
         if len(args) != len(self.sig):
             raise TypeError(f"{self.name} takes {len(self.sig)} arguments, got {len(args)}")
         vals = []
-        for code, a in zip(self.sig, args):
+        for code, a in zip(self.sig, args, strict=False):
             if code == "p":
                 vals.append(0 if a is None else (a if isinstance(a, int) else a.data_ptr()))
             else:

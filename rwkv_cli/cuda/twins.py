@@ -83,7 +83,7 @@ def _epilogue(acc, s: Seg):
 def gemv_reference(segs: list[Seg]) -> None:
     """kernels/gemv.cu in fp32 (inputs staged and rounded as the kernel does)."""
     outs = [_epilogue(_stage(s).float() @ s.W.float().t(), s) for s in segs]
-    for s, out in zip(segs, outs):
+    for s, out in zip(segs, outs, strict=False):
         s.y.copy_(out)
 
 
@@ -91,7 +91,7 @@ def gemv_torch(segs: list[Seg]) -> None:
     """The same products through cuBLAS in the weights' dtype: the path for B > 4 and fp32.
     Plain products and in-place residual adds write straight into y."""
     staged = [_stage(s) for s in segs]  # every input before any output: outputs may feed nothing here
-    for s, x in zip(segs, staged):
+    for s, x in zip(segs, staged, strict=False):
         plain = s.gate is None and s.scale == 1.0 and not s.out_f32
         if plain and s.res is None:
             torch.mm(x, s.W.t(), out=s.y)

@@ -101,7 +101,7 @@ class RWKV4(RWKVBase):
 
     def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
         new_layers = []
-        for i, (lw, st) in enumerate(zip(self.layers, state.layers)):
+        for i, (lw, st) in enumerate(zip(self.layers, state.layers, strict=False)):
             keep = 2 if last_only and i == len(self.layers) - 1 else x.shape[1]
             dx, att_shift, num, den, mx = self.time_mix(lw, x, st, keep)
             x = x[:, -keep:] + dx
@@ -143,7 +143,7 @@ class RWKV4(RWKVBase):
     def step_numpy(self, w, x, st):
         """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32 only, so no rescaling)."""
         new = []
-        for lw, s in zip(w.layers, st):
+        for lw, s in zip(w.layers, st, strict=False):
             xx = np_layer_norm(x, *lw.ln1)
             xk, xv, xr = s.att_shift + (xx - s.att_shift) * lw.att_mix[:, 0]
             r = np_sigmoid(xr @ lw.W_r.T)

@@ -152,7 +152,7 @@ class RWKV7(RWKVBase):
             if tokens is None:
                 raise ValueError("RWKV-7a (DeepEmbed) layers need the token ids: blocks(..., tokens=)")
             embed = (tokens, x)  # the channel-mix factor reads the token and its embedding
-        for i, (lw, st) in enumerate(zip(self.layers, state.layers)):
+        for i, (lw, st) in enumerate(zip(self.layers, state.layers, strict=False)):
             keep = 2 if last_only and i == len(self.layers) - 1 else x.shape[1]
             dx, att_shift, wkv, v_first = self.time_mix(lw, x, st, v_first, keep)
             x = x[:, -keep:] + dx
@@ -232,7 +232,7 @@ class RWKV7(RWKVBase):
         B, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
         new, v_first, emb = [], None, x
-        for lw, s in zip(w.layers, st):
+        for lw, s in zip(w.layers, st, strict=False):
             xx = np_layer_norm(x, *lw.ln1)
             xr, xk, xv, xw, xa, xg = xx + (s.att_shift - xx) * lw.mix[:, 0]  # 1. [6, B, C]
             r, k, v = xr @ lw.W_r.T, xk @ lw.W_k.T, xv @ lw.W_v.T  # 2.
