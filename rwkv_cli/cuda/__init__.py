@@ -31,4 +31,5 @@ def describe_backend(device=None) -> str:
         bindings = f"cuda-bindings {version('cuda-bindings')}, "
     except Exception:  # noqa: BLE001
         bindings = ""
-    return f"fused CUDA kernels (NVRTC {K.nvrtc_version}, {bindings}sm_{K.arch}; cache {loader.cache_dir()})"
+    pdl = "; programmatic dependent launches" if getattr(K, "dependent_launch", False) else ""
+    return f"fused CUDA kernels (NVRTC {K.nvrtc_version}, {bindings}sm_{K.arch}{pdl}; cache {loader.cache_dir()})"

@@ -188,7 +188,8 @@ class Kernels:
         major, minor = torch.cuda.get_device_capability(device_index)
         self.arch = major * 10 + minor
         # programmatic dependent launches of gemv (Hopper and later); RWKV_CUDA_PDL=0 turns them off
-        self.dependent_launch = self.arch >= 90 and os.environ.get("RWKV_CUDA_PDL", "1") != "0"
+        self.dependent_launch = self.arch >= 90 and os.environ.get("RWKV_CUDA_PDL", "1") != "0" \
+            and _dependent_launch_config(self.driver) is not None  # the bindings have cuLaunchKernelEx
         major_v, minor_v = _check(self.nvrtc.nvrtcVersion(), "nvrtcVersion")
         self.nvrtc_version = f"{major_v}.{minor_v}"
         with torch.cuda.device(device_index):
