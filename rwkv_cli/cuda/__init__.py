@@ -32,4 +32,5 @@ def describe_backend(device=None) -> str:
     except Exception:  # noqa: BLE001
         bindings = ""
     pdl = "; programmatic dependent launches" if getattr(K, "dependent_launch", False) else ""
-    return f"fused CUDA kernels (NVRTC {K.nvrtc_version}, {bindings}sm_{K.arch}{pdl}; cache {loader.cache_dir()})"
+    where = f"{bindings}sm_{K.arch}{pdl}; cache {loader.cache_dir()}"
+    return f"fused CUDA kernels (NVRTC {K.nvrtc_version}, {where})"
