@@ -67,6 +67,25 @@ class MatrixStateRWKV(RWKVBase):
     """Shared by RWKV-5.x and RWKV-6. Subclasses load `self.layers` and implement
     `time_mix_inputs` (token shift, projections, decays) and `channel_mix`."""
 
+    def _common_layer_weights(self, w: WeightLoader, i: int) -> dict:
+        """Layer i's weights that RWKV-5.x and RWKV-6 name and use alike: the LayerNorms, r/k/v and
+        output projections, GroupNorm, the gated channel-mix (output projections pre-scaled, §8)."""
+        att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        scale, halve = self._rescale(i)
+        return dict(
+            ln1=(w(f"blocks.{i}.ln1.weight"), w(f"blocks.{i}.ln1.bias")),
+            ln2=(w(f"blocks.{i}.ln2.weight"), w(f"blocks.{i}.ln2.bias")),
+            W_r=w(att + "receptance.weight"),
+            W_k=w(att + "key.weight"),
+            W_v=w(att + "value.weight"),
+            W_o=(w.fp32(att + "output.weight") / scale).to(self.dtype),
+            ln_x=(w.fp32(att + "ln_x.weight"), w.fp32(att + "ln_x.bias")),
+            ffn_key=w(ffn + "key.weight"),
+            ffn_value=(w.fp32(ffn + "value.weight") / scale).to(self.dtype),
+            ffn_receptance=w(ffn + "receptance.weight"),
+            halve_after=halve,
+        )
+
     def _fold_ln0(self, tensors) -> torch.Tensor:
         """LN0 in the file's own precision, as the legacy reference class does before any cast."""
         emb, w, b = tensors["emb.weight"], tensors["blocks.0.ln0.weight"], tensors["blocks.0.ln0.bias"]
@@ -181,27 +200,16 @@ class RWKV5(MatrixStateRWKV):
         self.layers = []
         for i in range(self.cfg.n_layer):
             att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
-            scale, halve = self._rescale(i)
             log_decay = -torch.exp(w.fp32(att + "time_decay")).reshape(H, N if per_channel else 1)
             self.layers.append(
                 Layer5(
-                    ln1=(w(f"blocks.{i}.ln1.weight"), w(f"blocks.{i}.ln1.bias")),
-                    ln2=(w(f"blocks.{i}.ln2.weight"), w(f"blocks.{i}.ln2.bias")),
+                    **self._common_layer_weights(w, i),
                     att_mix=w.stack([att + f"time_mix_{m}" for m in ("kvrg" if gated else "kvr")], (1, 1, C)),
-                    W_r=w(att + "receptance.weight"),
-                    W_k=w(att + "key.weight"),
-                    W_v=w(att + "value.weight"),
                     W_g=w(att + "gate.weight") if gated else None,
-                    W_o=(w.fp32(att + "output.weight") / scale).to(self.dtype),
                     log_decay=log_decay,
                     decay=torch.exp(log_decay),
                     bonus=load_bonus(w, att, (H, N if per_channel else 1)).expand(H, N).contiguous(),
-                    ln_x=(w.fp32(att + "ln_x.weight"), w.fp32(att + "ln_x.bias")),
                     ffn_mix=w.stack([ffn + f"time_mix_{m}" for m in "kr"], (1, 1, C)),
-                    ffn_key=w(ffn + "key.weight"),
-                    ffn_value=(w.fp32(ffn + "value.weight") / scale).to(self.dtype),
-                    ffn_receptance=w(ffn + "receptance.weight"),
-                    halve_after=halve,
                 )
             )
 

@@ -62,11 +62,9 @@ class RWKV6(MatrixStateRWKV):
         self.layers = []
         for i in range(self.cfg.n_layer):
             att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
-            scale, halve = self._rescale(i)
             self.layers.append(
                 Layer6(
-                    ln1=(w(f"blocks.{i}.ln1.weight"), w(f"blocks.{i}.ln1.bias")),
-                    ln2=(w(f"blocks.{i}.ln2.weight"), w(f"blocks.{i}.ln2.bias")),
+                    **self._common_layer_weights(w, i),
                     maa_x=w(att + "time_maa_x", shape=(C,)),
                     maa=w.stack([att + f"time_maa_{m}" for m in MIX_ORDER], (1, 1, C)),
                     maa_w1=lora_t(att + "time_maa_w1"),
@@ -75,17 +73,8 @@ class RWKV6(MatrixStateRWKV):
                     decay_w1=lora_t(att + "time_decay_w1"),
                     decay_w2=lora_t(att + "time_decay_w2"),
                     bonus=load_bonus(w, att, (H, N)),
-                    W_r=w(att + "receptance.weight"),
-                    W_k=w(att + "key.weight"),
-                    W_v=w(att + "value.weight"),
                     W_g=w(att + "gate.weight"),
-                    W_o=(w.fp32(att + "output.weight") / scale).to(self.dtype),
-                    ln_x=(w.fp32(att + "ln_x.weight"), w.fp32(att + "ln_x.bias")),
                     ffn_maa=w.stack([ffn + f"time_maa_{m}" for m in "kr"], (1, 1, C)),
-                    ffn_key=w(ffn + "key.weight"),
-                    ffn_value=(w.fp32(ffn + "value.weight") / scale).to(self.dtype),
-                    ffn_receptance=w(ffn + "receptance.weight"),
-                    halve_after=halve,
                 )
             )
 
