@@ -265,27 +265,24 @@ def _resolve_hf_layout(
 
 
 def hf_shard_names(index: Path) -> list[str]:
-    """The repo paths of the shards a cached `*.index.json` lists ([] if it cannot be read)."""
+    """The repo paths of the shards a cached `*.index.json` lists, in order ("/" stands for one
+    outside the snapshot). Raises CheckpointError when the index cannot be read."""
     from .checkpoint import weight_files
-    from .errors import CheckpointError
 
     try:
         return [p.relative_to(index.parent).as_posix() for p in weight_files(index)]
-    except (CheckpointError, ValueError, OSError):
-        return []
+    except ValueError:  # an absolute path
+        return ["/"]
 
 
 def _shards(spec: HubSpec, entry: str, index: Path) -> list[str]:
     """The files a `*.index.json` shard index lists (its `weight_map` values), in order."""
-    from .checkpoint import weight_files
     from .errors import CheckpointError
 
     try:
-        names = [PurePosixPath(p.relative_to(index.parent).as_posix()) for p in weight_files(index)]
+        names = [PurePosixPath(n) for n in hf_shard_names(index)]
     except CheckpointError as e:
         raise ModelNotFoundError(f"{spec.repo_id}:{entry}: {str(e).removeprefix(f'{index}: ')}") from None
-    except ValueError:  # an absolute path
-        names = [PurePosixPath("/")]
     bad = [str(n) for n in names if n.is_absolute() or ".." in n.parts]
     if bad:
         raise ModelNotFoundError(f"{spec.repo_id}:{entry} lists a shard outside the repository: {bad[0]}")

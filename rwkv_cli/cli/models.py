@@ -95,6 +95,7 @@ def _checkpoints(files) -> list:
     """(cached file, size) for each checkpoint in the cache: BlinkDL files (.pth, .safetensors) one
     by one; a Hugging Face-layout snapshot as its entry point (`model.safetensors`, a shard index
     with the total size of its cached shards, or `pytorch_model.bin`), its shards not listed apart."""
+    from ..errors import RWKVError
     from ..hub import CHECKPOINT_SUFFIXES, HF_ENTRIES, hf_shard_names
 
     by_snapshot: dict = {}
@@ -106,7 +107,10 @@ def _checkpoints(files) -> list:
         shards: set = set()
         for c in snapshot:
             if c.filename.endswith(".index.json") and c.filename in HF_ENTRIES:
-                listed = hf_shard_names(c.path)
+                try:
+                    listed = hf_shard_names(c.path)
+                except RWKVError:  # an unreadable index: its row says so, the shards stay listed
+                    listed = []
                 shards |= set(listed)
                 out.append((c, sum(names[n].size for n in listed if n in names)))
         out += [(c, c.size) for c in snapshot if c.filename not in shards
