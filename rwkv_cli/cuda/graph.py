@@ -125,7 +125,7 @@ class GraphStep:
     def __init__(self, net, B: int, use_graph: bool = True):
         from . import decode, loader
 
-        self.net, self.B, self.use_graph = net, B, use_graph
+        self.net, self.use_graph = net, use_graph
         self.layout = FlatState(net.cfg, B, net.dtype, net.device)
         self.tokens = torch.zeros(B, dtype=torch.long, device=net.device)
         if net.device.type == "cuda":  # ids from the host go through pinned memory: no synchronous copy
@@ -175,6 +175,8 @@ class GraphStep:
         if key not in self.steps:
             before = {b.slot: _users(b.flat) for b in (src, dst)}
             src_state, dst_state, logits = self.layout.state(*src.flat[:2]), self.layout.state(*dst.flat[:2]), dst.flat[2]
+            for st in (src_state, dst_state):  # lazy views made now: those the step keeps count as its own
+                st.layers  # noqa: B018
             if self.K is not None:
                 from . import decode
 
@@ -192,7 +194,6 @@ class GraphStep:
 
     def _torch_step(self, src: State, dst: State, logits_out: torch.Tensor):
         dst_tensors = list(dst.tensors())
-        _ = src.layers  # the lazy per-layer views are made now: they count as this step's own
 
         def step():
             logits, new = self.net.forward_torch(self.tokens.view(-1, 1), src)

@@ -27,8 +27,6 @@ GEMV_MAX_KS = 8  # warps sharing a row pair (1, 2, 4, 8)
 GEMV_BLOCKS_PER_SM = 2  # MINB: blocks a multiprocessor holds at once; a launch is one wave of them
 GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (tests, emulation)
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
-_SEG_FMT = "10Q7if4i"  # struct Seg: 10 pointers, O I x_stride y_stride in_act out_act out_f32, scale, block_start n_blocks ks pad
-_PARAMS_FMT = GEMV_PARAMS_FMT
 _sm_counts: dict[int, int] = {}
 
 
@@ -151,7 +149,7 @@ def gemv_payload(segs: list[Seg], sms: int | None = None, blocks_per_sm: int | N
         smem = max(smem, gemv_smem_bytes(B, In, s.in_act))
     for _ in range(GEMV_MAX_SEG - len(segs)):
         fields += [0] * 10 + [0] * 7 + [1.0, start, 0, 1, 0]
-    payload = struct.pack(_PARAMS_FMT, *fields, len(segs))
+    payload = struct.pack(GEMV_PARAMS_FMT, *fields, len(segs))
     return payload, start, smem
 
 
@@ -160,7 +158,7 @@ def gemv_kernel(K, segs: list[Seg]):
     B = segs[0].x.shape[0]
     if B > GEMV_MAX_B:
         raise ValueError(f"gemv handles B <= {GEMV_MAX_B}")
-    return K.raw("gemv", f"gemv_{SUFFIX[segs[0].W.dtype]}_b{B}", struct.calcsize(_PARAMS_FMT))
+    return K.raw("gemv", f"gemv_{SUFFIX[segs[0].W.dtype]}_b{B}", struct.calcsize(GEMV_PARAMS_FMT))
 
 
 def gemv(K, segs: list[Seg]) -> None:
