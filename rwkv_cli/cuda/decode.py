@@ -148,11 +148,7 @@ def build_step4(net, K, src, dst, tokens, logits):
     return b.function()
 
 
-def kernels_apply(cfg) -> bool:
-    """Whether the fused decoding step covers this model (not RWKV-7a's DeepEmbed, head size 64)."""
-    return cfg.version == "4" or (cfg.version == "7" and cfg.head_size == kops.HEAD_SIZE and cfg.variant != "7a")
-
-
 def build_step(net, K, src, dst, tokens, logits):
-    """The kernel decoding step for this model (state `src` -> `dst`); see `kernels_apply`."""
+    """The kernel decoding step for this model (state `src` -> `dst`), for which `net._kernels()`
+    gave `K` (RWKV-4, or RWKV-7 with head size 64 and no DeepEmbed)."""
     return (build_step7 if net.cfg.version == "7" else build_step4)(net, K, src, dst, tokens, logits)

@@ -123,15 +123,13 @@ class GraphStep:
     (fp32 logits [B, V], new State)."""
 
     def __init__(self, net, B: int, use_graph: bool = True):
-        from . import decode, loader
-
         self.net, self.use_graph = net, use_graph
         self.layout = FlatState(net.cfg, B, net.dtype, net.device)
         self.tokens = torch.zeros(B, dtype=torch.long, device=net.device)
         if net.device.type == "cuda":  # ids from the host go through pinned memory: no synchronous copy
             self.tokens_host = torch.zeros(B, dtype=torch.long, pin_memory=True)
             self.tokens_copied = torch.cuda.Event()  # the pinned ids may be rewritten once it has passed
-        self.K = loader.kernels_for(net.device) if decode.kernels_apply(net.cfg) else None
+        self.K = net._kernels()  # None: the model's PyTorch step (no kernels for this version, or none loaded)
         self.backend = "cuda" if self.K is not None else "torch"
         self.buffers: list[_Buffer] = []
         # (src slot, dst slot) -> (replay or step function, views it holds per slot)

@@ -48,6 +48,8 @@ class WeightLoader:
 class RWKVBase:
     """Embedding, final norm and head; subclasses implement `blocks` (the layer stack)."""
 
+    FUSED_KERNELS = False  # whether rwkv_cli/cuda has kernels for this version (RWKV-4, RWKV-7)
+
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         w = WeightLoader(tensors, dtype, device)
@@ -100,7 +102,9 @@ class RWKVBase:
     def _kernels(self):
         """The compiled CUDA kernels for this model's device, or None (CPU, disabled, unavailable:
         the reason is printed once on stderr) and the caller runs its PyTorch code."""
-        if self.device.type != "cuda" or (self.cfg.version == "7" and self.cfg.head_size != 64):
+        if self.device.type != "cuda" or not self.FUSED_KERNELS:
+            return None
+        if self.cfg.version == "7" and self.cfg.head_size != 64:
             return None
         if self.cfg.variant == "7a":  # the kernels do not know DeepEmbed (§7.5)
             from ..cuda.loader import notice_once

@@ -63,6 +63,8 @@ def gated_channel_mix(lw, x: torch.Tensor, ffn_shift: torch.Tensor):
 
 
 class RWKV4(RWKVBase):
+    FUSED_KERNELS = True
+
     def _fold_ln0(self, tensors) -> torch.Tensor:
         """LN0 in the file's own precision, as the RWKV-4 reference does before any cast: with bf16
         files the folded table is rounded to bf16, and matching that keeps logits identical."""

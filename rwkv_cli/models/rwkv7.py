@@ -87,6 +87,8 @@ def stack_for_prompts(lw: Layer7) -> None:
 
 
 class RWKV7(RWKVBase):
+    FUSED_KERNELS = True
+
     def _load_blocks(self, w: WeightLoader) -> None:
         C = self.cfg.n_embd
         lora_t = lambda name: w(name).t().contiguous()  # noqa: E731  checkpoint stores [in, out]
