@@ -203,6 +203,8 @@ def load_state(path: str | Path, model=None) -> SavedState:
         state = State.from_dict(tensors, version)
     except ValueError as e:
         raise StateFileError(f"{path}: {e}") from None
+    if not all(bool(torch.isfinite(t).all()) for t in state.tensors()):  # on the CPU, before any move
+        raise StateFileError(f"{path}: the state holds NaN or infinite values")
     if model is not None:
         expected = State.zeros(model.cfg, state.batch_size).to_dict()
         for name, tensor in state.to_dict().items():
@@ -211,8 +213,6 @@ def load_state(path: str | Path, model=None) -> SavedState:
         state = state.to(device=model.device, dtype=model.dtype)
         if logits is not None:
             logits = logits.to(model.device)
-    if not all(bool(torch.isfinite(t).all()) for t in state.tensors()):
-        raise StateFileError(f"{path}: the state holds NaN or infinite values")
     return SavedState(state, logits, meta)
 
 
