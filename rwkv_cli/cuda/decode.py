@@ -11,13 +11,15 @@ LayerNorm output, the next token's shift, into `dst`); one for the four LoRA up-
 (tanh / sigmoid on their inputs); the fused WKV step (decay, keys, delta-rule update, readout,
 GroupNorm, bonus, gate); the output projection with the residual add; the FFN key with LN2 + mix
 staged and relu^2; the FFN value with the residual add. Six launches; RWKV-4 has five. For larger
-batches and fp32, a separate ln_mix launch feeds cuBLAS products (`twins.gemv_torch`).
+batches and fp32, a separate ln_mix launch feeds cuBLAS products (`twins.gemv_torch`); RWKV-7 then
+forms r, k, v and its LoRA projections as three batched products over stacked weights.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..models.rwkv7 import stack_lora_up
 from . import kops
 from .twins import Seg, gemv_torch
 
@@ -97,19 +99,47 @@ def build_step7(net, K, src, dst, tokens, logits):
     cfg = net.cfg
     b = _Builder(net, K, tokens.shape[0])
     B, C, H = b.B, cfg.n_embd, cfg.n_head
-    r, k, v, wz, az, vz, g, vf, y = (b.buf(B, C) for _ in range(9))
+    # Larger batches on cuBLAS: r, k, v as one batched product and the LoRA projections as two
+    # (stacked weights), since at B = 64 the many small launches cost more than their bytes.
+    batched = not b.fused and net.layers[0].W_rkv is not None
+    if batched:
+        mixes, rkv, ups = b.buf(6, B, C), b.buf(3, B, C), b.buf(4, B, C)
+        lows = b.buf(4 * B * max(lw.lora_down.shape[1] for lw in net.layers))
+        (r, k, v), (vz, wz, az, g) = rkv.unbind(0), ups.unbind(0)
+        vf, y = b.buf(B, C), b.buf(B, C)
+    else:
+        r, k, v, wz, az, vz, g, vf, y = (b.buf(B, C) for _ in range(9))
     hidden = b.buf(B, net.layers[0].ffn_key.shape[0])
+
+    def lora_batched(lw):
+        """mixes -> r, k, v and the LoRA outputs vz, wz, az, g (tanh on w's hidden lanes and
+        sigmoid on g's before their up-projections), in three products."""
+        low = lows[: 4 * B * lw.lora_down.shape[1]].view(4, B, -1)
+        W_up = stack_lora_up(lw).transpose(1, 2)
+
+        def op():
+            torch.bmm(mixes[:3], lw.W_rkv.transpose(1, 2), out=rkv)
+            torch.bmm(mixes[2:], lw.lora_down.transpose(1, 2), out=low)  # inputs v, w, a, g
+            low[1].tanh_()
+            low[3].sigmoid_()
+            torch.bmm(low, W_up, out=ups)
+
+        b.ops.append(op)
 
     def body(x):
         for lw, st, new in zip(net.layers, src.layers, dst.layers, strict=False):
             first = lw.v0 is None
-            lo = {n: b.buf(B, getattr(lw, n + "1").shape[0]) for n in ("w", "a", "v", "g") if not (first and n == "v")}
-            ir, ik, iv, iw, ia, ig = b.normed(x, st.att_shift, lw.ln1, lw.mix.view(6, C), False, new.att_shift)
-            b.products([Seg(W=lw.W_r, y=r, **ir), Seg(W=lw.W_k, y=k, **ik), Seg(W=lw.W_v, y=v, **iv),
-                        Seg(W=lw.w1, y=lo["w"], **iw), Seg(W=lw.a1, y=lo["a"], **ia), Seg(W=lw.g1, y=lo["g"], **ig)]
-                       + ([] if first else [Seg(W=lw.v1, y=lo["v"], **iv)]))
-            b.products([Seg(lo["w"], lw.w2, wz, in_act=1), Seg(lo["a"], lw.a2, az), Seg(lo["g"], lw.g2, g, in_act=2)]
-                       + ([] if first else [Seg(lo["v"], lw.v2, vz)]))
+            if batched:
+                b.ln_mix(x, st.att_shift, *lw.ln1, lw.mix.view(6, C), False, out=mixes, shift_out=new.att_shift)
+                lora_batched(lw)
+            else:
+                lo = {n: b.buf(B, getattr(lw, n + "1").shape[0]) for n in ("w", "a", "v", "g") if not (first and n == "v")}
+                ir, ik, iv, iw, ia, ig = b.normed(x, st.att_shift, lw.ln1, lw.mix.view(6, C), False, new.att_shift)
+                b.products([Seg(W=lw.W_r, y=r, **ir), Seg(W=lw.W_k, y=k, **ik), Seg(W=lw.W_v, y=v, **iv),
+                            Seg(W=lw.w1, y=lo["w"], **iw), Seg(W=lw.a1, y=lo["a"], **ia), Seg(W=lw.g1, y=lo["g"], **ig)]
+                           + ([] if first else [Seg(W=lw.v1, y=lo["v"], **iv)]))
+                b.products([Seg(lo["w"], lw.w2, wz, in_act=1), Seg(lo["a"], lw.a2, az), Seg(lo["g"], lw.g2, g, in_act=2)]
+                           + ([] if first else [Seg(lo["v"], lw.v2, vz)]))
             kern = K.get(f"wkv7_step_{kops.SUFFIX[b.dt]}")
             args = (r, k, v, wz, az, None if first else vz, g, vf, int(first), lw.w0, lw.a0,
                     lw.v0, lw.k_k, lw.k_a, lw.r_k, *lw.ln_x, st.wkv, new.wkv, y, H)

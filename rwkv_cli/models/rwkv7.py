@@ -68,6 +68,8 @@ class Layer7:
     # 0.1B 28-36k -> 38-40k, 7.2B unchanged). None on the CPU.
     W_rkv: torch.Tensor | None = None  # [3, C, C]
     lora_down: torch.Tensor | None = None  # [4, D, C]: v1, w1, a1, g1 (the mixes' order), zero rows up to D
+    # Made the first time more than four sequences decode at once (`stack_lora_up`), else None.
+    lora_up: torch.Tensor | None = None  # [4, C, D]: v2, w2, a2, g2, zero columns up to D
 
 
 def stack_for_prompts(lw: Layer7) -> None:
@@ -84,6 +86,22 @@ def stack_for_prompts(lw: Layer7) -> None:
         if t is not None:
             lw.lora_down[i, : t.shape[0]] = t
     lw.v1, lw.w1, lw.a1, lw.g1 = (None if t is None else lw.lora_down[i, : t.shape[0]] for i, t in enumerate(downs))
+
+
+def stack_lora_up(lw: Layer7) -> torch.Tensor:
+    """The four LoRA up-projections as one zero-padded [4, C, D] tensor, in `lora_down`'s order, so
+    batched decoding (rwkv_cli/cuda/decode.py, B > 4) runs them as one product instead of four.
+    A copy, since the single-sequence kernels read the originals: 4 MB a layer at 1.5B, made only
+    once batches that large are decoded. The zero columns meet the zero rows of `lora_down`, so
+    whatever activation those lanes get (sigmoid(0) = 0.5) adds nothing."""
+    if lw.lora_up is None:
+        ups = [lw.v2, lw.w2, lw.a2, lw.g2]
+        C, D = lw.w2.shape[0], lw.lora_down.shape[1]
+        lw.lora_up = torch.zeros(4, C, D, dtype=lw.w2.dtype, device=lw.w2.device)
+        for i, t in enumerate(ups):
+            if t is not None:
+                lw.lora_up[i, :, : t.shape[1]] = t
+    return lw.lora_up
 
 
 class RWKV7(RWKVBase):
