@@ -91,7 +91,7 @@ class Model:
         step = self.prefill_chunk
         if step == DEFAULT_PREFILL_CHUNK and tokens.is_cuda:  # GPU: longer chunks amortise launches
             step = self.net.gpu_prefill_chunk()
-        with cpu_forward_threads(self.net.emb):  # the finiteness sum too: it runs right after BLAS
+        with cpu_forward_threads(self.net.emb, prompt=tokens.shape[1] > 1):  # the finiteness sum too
             for t0 in range(0, tokens.shape[1], step):
                 logits, state = self.net.forward(tokens[:, t0 : t0 + step], state, full_output)
                 outs.append(logits)

@@ -2,16 +2,23 @@
 
 Weights are stored [out, in] (the checkpoint's own layout), so y = x W^T.
 
-On the CPU in fp32, products go through NumPy's BLAS (OpenBLAS in the PyPI wheels) when it is
-available. Measured on the 2-core development machine: matrix-vector products (decoding) stream
-weights at 23-25 GB/s against 10-16 GB/s for torch's MKL path, and a 256-token RWKV-4 prefill
-runs 1.4x faster. Torch's own element-wise ops then run single-threaded (`cpu_forward_threads`):
-OpenBLAS's spinning workers and torch's OpenMP pool fighting over two cores made both 2-4x
-slower. Both paths are tested for the same numbers; `RWKV_CPU_MATMUL=torch` forces torch.
+On the CPU in fp32 (measured on the 2-core development machine, an AVX-512 AMD EPYC):
+- Decoding steps run in NumPy (`RWKVBase.step_numpy`): its BLAS (OpenBLAS in the PyPI wheels)
+  streams matrix-vector weights at 23-25 GB/s against 10-16 GB/s for torch's MKL path. Torch's
+  own ops next to it (the sampler) run single-threaded (`cpu_forward_threads`): OpenBLAS's
+  spinning workers and torch's OpenMP pool fighting over two cores made both 2-4x slower.
+- Prompt products go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, in torch's own
+  OpenMP pool, so the whole prompt stays in torch with every thread): 190-210 GFLOP/s on the
+  prompt shapes against 150-190 for OpenBLAS and 120-190 for MKL, whose dispatch on this AMD CPU
+  skips AVX-512. Where oneDNN is missing or fails its first product, NumPy's BLAS forms them
+  (torch single-threaded around it), as before.
+Backends (`RWKV_CPU_MATMUL`): "numpy" (the default, as above), "numpy-blas" (prompts through
+NumPy too) and "torch" (plain torch everywhere: the twin the others are tested against).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -23,41 +30,75 @@ try:  # NumPy is optional: without it, torch does everything.
 except ImportError:  # pragma: no cover - numpy ships with every torch wheel we support
     _np = None
 
-_USE_NUMPY = _np is not None and os.environ.get("RWKV_CPU_MATMUL", "numpy") != "torch"
-
-
-def cpu_matmul_backend() -> str:
-    return "numpy" if _USE_NUMPY else "torch"
+BACKENDS = ("numpy", "numpy-blas", "torch")
+_backend = "torch"
 
 
 def set_cpu_matmul_backend(name: str) -> None:
-    """Switch between "numpy" and "torch" for CPU fp32 products (tests compare the two)."""
-    global _USE_NUMPY
-    if name not in ("numpy", "torch"):
-        raise ValueError(f"unknown CPU matmul backend {name!r}")
-    _USE_NUMPY = name == "numpy" and _np is not None
+    """Choose how CPU fp32 products run (tests compare every choice); see the module docstring."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown CPU matmul backend {name!r} (one of {', '.join(BACKENDS)})")
+    _backend = name if _np is not None else "torch"
 
 
-def _numpy_applies(x: torch.Tensor) -> bool:
-    return _USE_NUMPY and x.dtype == torch.float32 and x.device.type == "cpu"
+def cpu_matmul_backend() -> str:
+    """The backend in effect: "numpy" falls back to "numpy-blas" where oneDNN cannot be used."""
+    if _backend == "numpy" and _onednn_linear() is None:
+        return "numpy-blas"
+    return _backend
+
+
+def numpy_decoding() -> bool:
+    """Whether fp32 CPU decoding steps run in NumPy (every backend but "torch")."""
+    return _backend != "torch"
+
+
+@functools.cache
+def _onednn_linear():
+    """oneDNN's fp32 linear op if this torch has it and it agrees with F.linear, else None."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)), torch.randn(16, 32)
+        if not torch.allclose(op(x, w, None, "none", [], ""), F.linear(x, w), rtol=1e-4, atol=1e-4):
+            return None
+        return op
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def _prompts_onednn() -> bool:
+    return _backend == "numpy" and _onednn_linear() is not None
+
+
+def _numpy_blas_applies(x: torch.Tensor) -> bool:
+    """Products of this input through NumPy's BLAS: fp32 CPU work under "numpy-blas"."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and cpu_matmul_backend() == "numpy-blas"
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T -> [..., out], in x's dtype."""
-    if _numpy_applies(x) and w.dtype == torch.float32:
+    if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and _backend != "torch":
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
+        if _prompts_onednn():
+            if x2.shape[0] > 1 and w.is_contiguous():  # one row (a prompt's head product): MKL does as well
+                return _onednn_linear()(x2, w, None, "none", [], "").view(*x.shape[:-1], w.shape[0])
+            return F.linear(x, w)
         y = _np.matmul(x2.numpy(), w.numpy().T)
         return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+_env_backend = os.environ.get("RWKV_CPU_MATMUL", "numpy")
+set_cpu_matmul_backend(_env_backend if _env_backend in BACKENDS else "numpy")
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched a @ b (RWKV-7's per-head chunk products). NumPy's BLAS is ~1.7x faster than
     torch.bmm single-threaded at 64 x 64 x 64; operands are made contiguous first, since NumPy
     loops slowly over transposed stacks."""
-    if _numpy_applies(a) and b.dtype == torch.float32:
+    if _numpy_blas_applies(a) and b.dtype == torch.float32:
         return torch.from_numpy(_np.matmul(a.contiguous().numpy(), b.contiguous().numpy()))
     return a @ b
 
@@ -65,16 +106,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def batched_matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """m [..., R, C] @ x [..., C] -> [..., R]. For RWKV-7's per-head state products: NumPy runs
     these 12 x 64 x 64 products in ~4 us against ~43 us for torch.bmm on the CPU."""
-    if _numpy_applies(x) and m.dtype == torch.float32:
+    if _numpy_blas_applies(x) and m.dtype == torch.float32:
         return torch.from_numpy(_np.matmul(m.numpy(), x.contiguous().numpy()[..., None])[..., 0])
     return (m @ x.unsqueeze(-1)).squeeze(-1)
 
 
 @contextmanager
-def cpu_forward_threads(x: torch.Tensor):
-    """Run torch single-threaded around work next to NumPy BLAS calls (a forward whose products it
-    does, the sampling right after it): BLAS workers keep spinning after a call."""
-    if not _numpy_applies(x) or torch.get_num_threads() == 1:
+def cpu_forward_threads(x: torch.Tensor, prompt: bool = False):
+    """Run torch single-threaded around work next to NumPy BLAS calls: a decoding step and the
+    sampling right after it, and prompts whose products NumPy forms ("numpy-blas"). BLAS workers
+    keep spinning after a call."""
+    uses_blas = x.dtype == torch.float32 and x.device.type == "cpu" and numpy_decoding()
+    if not uses_blas or (prompt and _prompts_onednn()) or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()

@@ -76,9 +76,10 @@ def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, what: str, 
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
-@pytest.fixture(params=["numpy", "torch"])
+@pytest.fixture(params=["numpy", "numpy-blas", "torch"])
 def matmul_backend(request):
-    """Both CPU paths: NumPy's BLAS with the NumPy decoding step, and plain torch (its twin)."""
+    """Every CPU path: the NumPy decoding step with oneDNN prompt products, the same with NumPy's
+    BLAS forming the prompt products, and plain torch (their twin)."""
     from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
 
     before = cpu_matmul_backend()

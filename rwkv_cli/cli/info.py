@@ -18,7 +18,10 @@ def env() -> None:
     from ..ops import cpu_matmul_backend
 
     typer.echo(f"rwkv-cli {__version__}, Python {platform.python_version()}, torch {torch.__version__}")
-    typer.echo(f"CPU threads: {torch.get_num_threads()}, CPU fp32 matmul backend: {cpu_matmul_backend()}")
+    backend = cpu_matmul_backend()
+    detail = {"numpy": "NumPy decoding steps, oneDNN prompt products", "numpy-blas": "NumPy decoding steps and prompt products",
+              "torch": "torch throughout"}[backend]
+    typer.echo(f"CPU threads: {torch.get_num_threads()}, CPU fp32 products: {backend} ({detail})")
     if torch.cuda.is_available():
         from ..cuda import describe_backend
 

@@ -159,7 +159,7 @@ class RWKVBase:
     # tested against (`RWKV_CPU_MATMUL=torch` selects it).
 
     def _numpy_step_applies(self) -> bool:
-        return self.device.type == "cpu" and self.dtype == torch.float32 and ops.cpu_matmul_backend() == "numpy"
+        return self.device.type == "cpu" and self.dtype == torch.float32 and ops.numpy_decoding()
 
     def _numpy_weights(self):
         if getattr(self, "_np_cache", None) is None:
