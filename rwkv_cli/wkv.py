@@ -33,12 +33,22 @@ def wkv4_step(w, u, k, v, num, den, mx):
     return y, e1 * num + e2 * v, e1 * den + e2, q
 
 
-def _combine4(a1, b1, p1, a2, b2, p2, gap_decay):
-    """Merge an earlier segment (a1, b1, p1) into a later one, decaying it by `gap_decay` (log)."""
-    p1 = p1 + gap_decay
+# Base-2 logs inside the sequence forms: torch's exp2 runs ~3x faster than exp on the CPU, and
+# e^x = 2^(x log2 e) costs one scaling of the inputs.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _merge4(ab1, p1, ab2, p2, gap):
+    """Merge an earlier segment into a later one, in place of the later, base-2 logs throughout:
+        (ab, p) = (ab1 2^(p1 + gap - q) + ab2 2^(p2 - q), q),   q = max(p1 + gap, p2)
+    ab1, ab2: [2, ...] (numerator; denominator), p1, p2: [...], gap: the earlier one's extra decay."""
+    p1 = p1 + gap
     q = torch.maximum(p1, p2)
-    e1, e2 = torch.exp(p1 - q), torch.exp(p2 - q)
-    return e1 * a1 + e2 * a2, e1 * b1 + e2 * b2, q
+    e1 = p1.sub_(q).exp2_()
+    e2 = (p2 - q).exp2_()
+    ab2.mul_(e2).addcmul_(ab1, e1)
+    p2.copy_(q)
 
 
 def wkv4_sequence(w, u, k, v, num, den, mx):
@@ -48,48 +58,47 @@ def wkv4_sequence(w, u, k, v, num, den, mx):
     tokens reduces to one (num, den, max) triple, and two segments merge by decaying the earlier
     one by the later one's length. A Brent-Kung scan (`_scan4`) does this in 2 log2(T) rounds and
     O(T) total work, keeping the running-max rescaling so nothing overflows however strong the
-    decay. Row 0 of the buffers holds the carried-in state, so row t is the state token t reads.
+    decay. Row 0 of the buffers holds the carried-in state and row t the state token t reads; the
+    carried state is folded into token 0 before the scan (it is simply older history), so every
+    prefix already includes it. Logs are base 2 inside (k, w, u, max scaled by log2 e on entry,
+    the returned max scaled back).
     """
     B, T, A = k.shape
+    w, u, k = w * LOG2E, u * LOG2E, k * LOG2E
     P = 1 << (T - 1).bit_length()  # scan length: T rounded up to a power of two
-    a = k.new_zeros(B, 1 + P, A)
-    b = k.new_zeros(B, 1 + P, A)
-    p = k.new_full((B, 1 + P, A), -1e30)
-    a[:, 1 : T + 1], b[:, 1 : T + 1], p[:, 1 : T + 1] = v, 1.0, k  # each token alone, from empty
-    _scan4(a[:, 1:], b[:, 1:], p[:, 1:], w)
-    # Bring in the carried state, decayed by the number of tokens since it was written.
-    a[:, 0], b[:, 0], p[:, 0] = num, den, mx
-    steps = torch.arange(1, T + 1, device=k.device, dtype=torch.float32).view(1, T, 1)
-    rows = slice(1, T + 1)
-    a[:, rows], b[:, rows], p[:, rows] = _combine4(num.unsqueeze(1), den.unsqueeze(1), mx.unsqueeze(1), a[:, rows], b[:, rows], p[:, rows], steps * w)
-    # Token t reads the state after tokens < t (row t), plus its own key with the bonus u.
-    a_prev, b_prev, p_prev = a[:, :T], b[:, :T], p[:, :T]
-    uk = u + k
+    ab = k.new_zeros(2, B, 1 + P, A)  # [numerator; denominator] per row
+    p = k.new_full((B, 1 + P, A), -1e30)  # their log2 scale
+    ab[0, :, 0], ab[1, :, 0], p[:, 0] = num, den, mx * LOG2E
+    ab[0, :, 1 : T + 1], ab[1, :, 1 : T + 1], p[:, 1 : T + 1] = v, 1.0, k  # each token alone
+    _merge4(ab[:, :, 0], p[:, 0], ab[:, :, 1], p[:, 1], w)  # state + token 0, one step of decay
+    _scan4(ab[:, :, 1:], p[:, 1:], w)
+    # Token t reads the state after tokens < t (row t), plus its own key with the bonus u:
+    #   y = (2^(p - q) num + 2^(u + k - q) v) / (2^(p - q) den + 2^(u + k - q)),  q = max(p, u + k)
+    ab_prev, p_prev = ab[:, :, :T], p[:, :T]
+    uk = k.add_(u)
     q = torch.maximum(p_prev, uk)
-    e1, e2 = torch.exp(p_prev - q), torch.exp(uk - q)
-    y = (e1 * a_prev + e2 * v) / (e1 * b_prev + e2)
-    return y, a[:, T].clone(), b[:, T].clone(), p[:, T].clone()
+    e1 = (p_prev - q).exp2_()
+    e2 = uk.sub_(q).exp2_()
+    y = torch.addcmul(e2 * v, e1, ab_prev[0]).div_(torch.addcmul(e2, e1, ab_prev[1]))
+    return y, ab[0, :, T].clone(), ab[1, :, T].clone(), p[:, T] * LN2
 
 
-def _scan4(a, b, p, w):
-    """In-place inclusive merge-scan over dim 1 (a power of two long): row t ends up holding
-    the merge of rows 0..t. Up-sweep: the last row of each 2s-block absorbs the summary of its
-    left half; down-sweep: the last row of each odd s-block absorbs the complete prefix before it."""
-    B, P, A = a.shape
-    blocks = lambda t, s: t.view(B, P // (2 * s), 2, s, A)  # noqa: E731
+def _scan4(ab, p, w):
+    """In-place inclusive merge-scan over the rows (dim -2, a power of two long) of ab [2, B, P, A]
+    and p [B, P, A]: row t ends up holding the merge of rows 0..t. Up-sweep: the last row of each
+    2s-block absorbs the summary of its left half; down-sweep: the last row of each odd s-block
+    absorbs the complete prefix before it."""
+    _, B, P, A = ab.shape
+    blocks = lambda s: (ab.view(2, B, P // (2 * s), 2, s, A), p.view(B, P // (2 * s), 2, s, A))  # noqa: E731
     s = 1
     while s < P:
-        left = [blocks(t, s)[:, :, 0, -1] for t in (a, b, p)]
-        right = [blocks(t, s)[:, :, 1, -1] for t in (a, b, p)]
-        for dst, val in zip(right, _combine4(*left, *right, s * w), strict=False):
-            dst.copy_(val)
+        x, y = blocks(s)
+        _merge4(x[:, :, :, 0, -1], y[:, :, 0, -1], x[:, :, :, 1, -1], y[:, :, 1, -1], s * w)
         s *= 2
     s //= 4
     while s >= 1:
-        done = [blocks(t, s)[:, :-1, 1, -1] for t in (a, b, p)]  # prefixes ending at (m+1)*2s - 1
-        todo = [blocks(t, s)[:, 1:, 0, -1] for t in (a, b, p)]  # the s-block right after each
-        for dst, val in zip(todo, _combine4(*done, *todo, s * w), strict=False):
-            dst.copy_(val)
+        x, y = blocks(s)  # prefixes ending at (m+1)*2s - 1 flow into the s-block right after each
+        _merge4(x[:, :, :-1, 1, -1], y[:, :-1, 1, -1], x[:, :, 1:, 0, -1], y[:, 1:, 0, -1], s * w)
         s //= 2
 
 
@@ -112,55 +121,107 @@ def wkv7_step(S, r, log_decay, k, v, kk, a):
     return batched_matvec(S_new, r).view(B, H, N), S_new.view(B, H, N, N)
 
 
-def wkv7_sequence(S, r, log_decay, k, v, kk, a, chunk: int = 64):
+def wkv7_sequence(S, r, log_decay, k, v, kk, a, chunk: int = 16):
     """T tokens. S: [B, H, N, N] fp32; the rest [B, T, H, N]. Returns (o [B, T, H, N] fp32, S).
 
-    Within a chunk, unrolling the recurrence gives (D_t = prod of decays up to t, h_s = S_{s-1} alpha_s):
-        S_t = S_0 D_t + sum_{s<=t} (h_s beta_s^T + v_s k_s^T) diag(D_t / D_s)
-    The h_s depend on each other through a unit lower-triangular system, solved in one call; the
-    outputs and the final state are then a few [T, T] and [T, N] matrix products per head. The
-    ratios D_t / D_s are factored around the chunk's middle so every factor stays within
+    The sign of the rank-1 term can move: (S alpha) beta^T = (S kk)(-kk a)^T. Below h_t = S_{t-1} kk_t
+    (the state's current reading of the removal key), so S_t = S_{t-1} diag(d_t) - h_t beta_t^T + v_t k_t^T.
+    Within a chunk of c tokens, unrolling gives (D_t = prod of decays up to t, S_0 before the chunk):
+        S_t = S_0 D_t + sum_{s<=t} (v_s k_s^T - h_s beta_s^T) diag(D_t / D_s)
+        h_t = S_0 (D_{t-1} kk_t) + sum_{s<t} (v_s G_ak[t, s] - h_s G_ab[t, s])
+        o_t = S_0 (D_t r_t)      + sum_{s<=t} (v_s A_rk[t, s] - h_s A_rb[t, s])
+    with G_ab[t, s] = sum_i kk_t,i beta_s,i D_{t-1,i} / D_{s,i} (the others alike: rows kk or r,
+    columns beta or k, D_{t-1} or D_t). So (I + G_ab) h = [kk D_{t-1} | G_ak] [S_0^T; v]: with
+    Ti = (I + G_ab)^-1 (unit lower triangular, one small solve), h and o are fixed matrices times
+    [S_0^T; v], built for all chunks at once (`_wkv7_chunks`). Only the state is carried from chunk
+    to chunk, two small products each (the loop below).
+    The ratios D_t / D_s are factored around each chunk's middle, so every factor stays within
     e^(+-0.61 * chunk / 2): no overflow for chunk <= 64, since each decay lies in (e^-0.61, 1).
     """
     B, T, H, N = r.shape
-    heads_first = lambda t: t.float().transpose(1, 2)  # noqa: E731  [B, T, H, N] -> [B, H, T, N]
-    r, log_decay, k, v, kk, a = map(heads_first, (r, log_decay, k, v, kk, a))
-    alpha, beta = -kk, kk * a
-    outs = []
-    for t0 in range(0, T, chunk):
-        sl = slice(t0, t0 + chunk)
-        o, S = _wkv7_chunk(S, r[:, :, sl], log_decay[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl], beta[:, :, sl])
-        outs.append(o)
-    o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-    return o.transpose(1, 2), S
+    c = min(chunk, T)
+    nc = -(-T // c)  # chunks; the last one zero-padded (decay 1, nothing written or read)
+    WQ, UO, KT, Dl, v = _wkv7_chunks(*(_chunked(t, c, nc) for t in (r, log_decay, k, v, kk, a)))
+    # Per chunk j, with the state transposed (St = S^T, [key, value]):
+    #   [h; o] = [W; Q] St + [U; O],   St <- diag(D_last / D_0) St + [-beta'; k']^T [h; v]
+    # where beta', k' are beta_s, k_s times D_last / D_s. hv holds [h; v] per chunk.
+    hv = v.new_empty(nc, B, H, 2 * c, N)
+    hv[..., c:, :] = v
+    o = v.new_empty(B, nc, c, H, N)
+    St = S.transpose(-1, -2).float()
+    for j in range(nc):
+        ho = matmul(WQ[j], St)  # [B, H, 2c, N]
+        torch.add(ho[..., :c, :], UO[j, ..., :c, :], out=hv[j, ..., :c, :])
+        torch.add(ho[..., c:, :], UO[j, ..., c:, :], out=o[:, j].transpose(1, 2))
+        St = torch.addcmul(matmul(KT[j], hv[j]), Dl[j], St)
+    return o.view(B, nc * c, H, N)[:, :T], St.transpose(-1, -2).contiguous()
 
 
-def _wkv7_chunk(S, r, log_decay, k, v, alpha, beta):
-    T = r.shape[2]
-    L = torch.cumsum(log_decay, 2)  # log D_t, inclusive
-    L_prev = L - log_decay  # log D_{t-1}
-    mid = L[:, :, T // 2 : T // 2 + 1]  # reference point for the factored ratios
-    inv = torch.exp(mid - L)
-    # All four [T, T] coefficient blocks in one product: rows (alpha_t, r_t), columns (beta_s, k_s):
-    #   A[t, s] = sum_i q_t,i * key_s,i * D_{t or t-1, i} / D_{s, i}, causal-masked.
-    queries = torch.cat([alpha * torch.exp(L_prev - mid), r * torch.exp(L - mid)], 2)  # [B, H, 2T, N]
-    keys_t = torch.cat([(beta * inv).transpose(-1, -2), (k * inv).transpose(-1, -2)], -1)  # [B, H, N, 2T]
-    A = torch.where(_chunk_mask(T, r.device), matmul(queries, keys_t), 0.0)
-    A_ab, A_ak, A_rb, A_rk = A[..., :T, :T], A[..., :T, T:], A[..., T:, :T], A[..., T:, T:]
-    S_t = S.transpose(-1, -2)  # [B, H, key, value]
-    # (I - A_ab) h = S_0 (D_{t-1} alpha_t) + sum_{s<t} A_ak[t, s] v_s, rows are time.
-    rhs = matmul(torch.cat([alpha * torch.exp(L_prev), A_ak], -1), torch.cat([S_t, v], -2))
-    eye = torch.eye(T, device=r.device)
-    h = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
-    o = matmul(torch.cat([r * torch.exp(L), A_rb, A_rk], -1), torch.cat([S_t, h, v], -2))  # [B, H, T, N]
-    to_end = torch.exp(L[:, :, -1:] - L)  # D_last / D_s, <= 1
-    written = matmul(torch.cat([h, v], 2).transpose(-1, -2), torch.cat([beta * to_end, k * to_end], 2))
-    return o, S * torch.exp(L[:, :, -1]).unsqueeze(2) + written
+def _chunked(x, c: int, nc: int):
+    """[B, T, H, N] -> fp32 [B, nc, c, H, N], zero-padded to nc * c tokens (a view if none needed)."""
+    B, T, H, N = x.shape
+    x = x.float()
+    if nc * c != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nc * c - T))
+    return x.view(B, nc, c, H, N)
+
+
+def _heads_first(t):
+    """[nc, B, H, c, N] storage seen as [B, nc, c, H, N] (to write it from the input layout)."""
+    return t.permute(1, 0, 3, 2, 4)
+
+
+def _wkv7_chunks(r, log_decay, k, v, kk, a):
+    """The per-chunk matrices of `wkv7_sequence`, all chunks at once. Inputs [B, nc, c, H, N] fp32.
+    Products run per (chunk, head) on [nc, B, H, rows, cols] tensors (contiguous, so BLAS reads
+    them in place). Returns WQ, UO: [nc, B, H, 2c, N]; KT: [.., N, 2c]; Dl: [.., N, 1]; v [.., c, N]."""
+    B, nc, c, H, N = r.shape
+    mask, tril_log2e, eye = _chunk_consts(c, r.device)
+    new = lambda *shape: r.new_empty(nc, B, H, *shape)  # noqa: E731
+    # log2 D_t within the chunk (a cumulative sum as one product), around the middle token's.
+    L = matmul(tril_log2e, log_decay.reshape(B * nc, c, H * N)).view(B, nc, c, H, N)
+    mid = L[:, :, c // 2 : c // 2 + 1].clone()
+    e = L.sub_(mid).exp2_()  # D_t / D_mid
+    D_mid = mid.exp2_()
+    # Rows (queries) kk_t D_{t-1} / D_mid and r_t D_t / D_mid; columns beta_s D_mid / D_s and k_s D_mid / D_s.
+    # D_{t-1} / D_mid is e shifted by one token (1 / D_mid before the first).
+    q = new(2 * c, N)
+    q_kk, q_r = _heads_first(q[..., :c, :]), _heads_first(q[..., c:, :])
+    torch.mul(kk[:, :, 1:], e[:, :, :-1], out=q_kk[:, :, 1:])
+    torch.div(kk[:, :, :1], D_mid, out=q_kk[:, :, :1])
+    torch.mul(r, e, out=q_r)
+    keys = new(2 * c, N)
+    torch.div(kk * a, e, out=_heads_first(keys[..., :c, :]))
+    torch.div(k, e, out=_heads_first(keys[..., c:, :]))
+    # All four [c, c] blocks in one product, [[G_ab, G_ak], [A_rb, A_rk]]: strictly causal in the
+    # kk rows (h_t reads the state before t), causal in the r rows. (torch reads the transposed
+    # operand in place; NumPy via ops.matmul would copy it first, measured slower.)
+    G = torch.matmul(q, keys.mT).mul_(mask)
+    G_ab, G_ak, A_rb, A_rk = G[..., :c, :c], G[..., :c, c:], G[..., c:, :c], G[..., c:, c:]
+    D_mid, v, e_last = _heads_first(D_mid), _heads_first(v), _heads_first(e[:, :, -1:])  # [nc, B, H, ., N]
+    # h = Ti rhs and o = r D St + A_rk v - A_rb Ti rhs, with rhs = [kk D_{t-1} | G_ak] [St; v]:
+    #   [h; o] = F rhs + [0; r D | A_rk] [St; v],   F = [Ti; -A_rb Ti]
+    Ti = torch.linalg.solve_triangular(G_ab, eye, upper=False, left=False, unitriangular=True)
+    F = new(2 * c, c)
+    F[..., :c, :] = Ti
+    torch.neg(matmul(A_rb, Ti), out=F[..., c:, :])
+    rhs = new(c, N + c)
+    torch.mul(q[..., :c, :], D_mid, out=rhs[..., :N])
+    rhs[..., N:] = G_ak
+    WC = matmul(F, rhs)  # [2c, N + c]: the [W; Q] and [U; O] coefficients of [St; v]
+    WC[..., c:, :N].addcmul_(q[..., c:, :], D_mid)
+    WC[..., c:, N:] += A_rk
+    # The state's update: the keys scaled to the chunk's end (D_last / D_s <= 1), beta's negated.
+    KT = (keys * e_last).mT.contiguous()  # [N, 2c]
+    KT[..., :c].neg_()
+    return WC[..., :N].contiguous(), matmul(WC[..., N:], v), KT, (D_mid * e_last).mT, v
 
 
 @functools.lru_cache(maxsize=8)
-def _chunk_mask(T: int, device) -> torch.Tensor:
-    """[2T, 2T]: strictly causal for the alpha rows (they see the state before t), causal for r."""
-    strict = torch.ones(T, T, dtype=torch.bool, device=device).tril(-1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.cat([strict, strict], 1), torch.cat([causal, causal], 1)], 0)
+def _chunk_consts(c: int, device):
+    """[2c, 2c] mask (strictly causal for the kk rows, causal for the r rows), the [c, c] lower
+    triangle times log2(e) (cumulative sums in base 2), and the identity."""
+    strict = torch.ones(c, c, device=device).tril(-1)
+    causal = torch.ones(c, c, device=device).tril()
+    mask = torch.cat([torch.cat([strict, strict], 1), torch.cat([causal, causal], 1)], 0)
+    return mask, causal * LOG2E, torch.eye(c, device=device)

@@ -70,3 +70,41 @@ def test_wkv4_scan_equals_steps_with_extreme_decays():
     assert_close_to_reference(y_seq, torch.stack(outs, 1), "outputs")
     for got, want, name in zip(final, (num, den, mx), ("num", "den", "max"), strict=False):
         assert_close_to_reference(got, want, name)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 64, 65])
+def test_wkv4_sequence_from_empty_state(length):
+    """The carried state is folded into token 0 before the scan: from the engine's empty state
+    (max -1e30) and at the power-of-two edges of the scan length, sequence mode equals steps."""
+    gen = torch.Generator().manual_seed(length)
+    B, A = 2, 16
+    w, u = -torch.exp(torch.randn(A, generator=gen)), torch.randn(A, generator=gen)
+    k, v = torch.randn(B, length, A, generator=gen), torch.randn(B, length, A, generator=gen)
+    state = (torch.zeros(B, A), torch.zeros(B, A), torch.full((B, A), -1e30))
+    num, den, mx = state
+    outs = []
+    for t in range(length):
+        y, num, den, mx = wkv4_step(w, u, k[:, t], v[:, t], num, den, mx)
+        outs.append(y)
+    y_seq, *final = wkv4_sequence(w, u, k, v, *state)
+    assert_close_to_reference(y_seq, torch.stack(outs, 1), "outputs")
+    for got, want, name in zip(final, (num, den, mx), ("num", "den", "max"), strict=True):
+        assert_close_to_reference(got, want, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wkv7_sequence_takes_half_inputs(dtype):
+    """Half-precision activations (the PyTorch GPU paths) are computed in fp32: same result as
+    the fp32 call on the same rounded values, output and state fp32."""
+    gen = torch.Generator().manual_seed(7)
+    B, T, H, N = 1, 40, 2, 64
+    r, k, v = (torch.randn(B, T, H, N, generator=gen).to(dtype) for _ in range(3))
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=gen), dim=-1).to(dtype)
+    a = torch.rand(B, T, H, N, generator=gen).to(dtype)
+    log_decay = -0.6065 * torch.rand(B, T, H, N, generator=gen)
+    S0 = torch.randn(B, H, N, N, generator=gen)
+    o, S = wkv7_sequence(S0, r, log_decay, k, v, kk, a)
+    o_ref, S_ref = wkv7_sequence(S0, *(t.float() for t in (r, log_decay, k, v, kk, a)))
+    assert o.dtype == S.dtype == torch.float32 and o.shape == (B, T, H, N)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=0)
