@@ -8,7 +8,8 @@ checkpoints in real shapes, in one run; prints the issue's table with ratios.
 For each shape one child process (started with the reference's environment flags: RWKV_V7_ON
 selects its v7 class at import) loads the checkpoint into both engines and times, the way
 shared/tools/bench_reference.py times the reference: batch-1 greedy decode tok/s (100 steps after
-10 warm-up steps, each step's argmax read back on the host) and the prefill tok/s of one
+10 warm-up steps, each step's argmax read back on the host; ours reads the logits' finiteness in
+the same transfer, as `rwkv generate` does, where the reference checks nothing) and the prefill tok/s of one
 4096-token prompt (after a 64-token warm-up); ours best of `--rounds`. It also reports our peak
 GPU memory beyond the weights while decoding and while prefilling, and how far our logits are from
 the reference's after the prompt. Needs a CUDA GPU and the `rwkv` test dependency (nvcc and ninja
@@ -40,14 +41,30 @@ def sync():
     torch.cuda.synchronize()
 
 
-def time_decode(forward, n_warmup: int, n: int) -> float:
+def greedy_id(logits) -> int:
+    """The reference's loop: the argmax read back on the host."""
+    return int(logits.argmax())
+
+
+def greedy_id_checked(logits) -> int:
+    """Ours, as `rwkv generate` decodes: the argmax and the logits' finiteness in one transfer
+    (`Sampler.sample_ids`), the engine's own check switched off (`check_finite=False`)."""
+    import torch
+
+    token, finite = torch.stack([logits.argmax(), torch.isfinite(logits.sum()).long()]).tolist()
+    if not finite:
+        raise RuntimeError("non-finite logits while decoding")
+    return token
+
+
+def time_decode(forward, n_warmup: int, n: int, next_id=greedy_id) -> float:
     logits, state = forward([0], None)
     for _ in range(n_warmup):
-        logits, state = forward([int(logits.argmax())], state)
+        logits, state = forward([next_id(logits)], state)
     sync()
     t0 = time.perf_counter()
     for _ in range(n):
-        logits, state = forward([int(logits.argmax())], state)
+        logits, state = forward([next_id(logits)], state)
     sync()
     return n / (time.perf_counter() - t0)
 
@@ -77,15 +94,18 @@ def worker(args) -> None:
     res["shape"] = f"L{ours.cfg.n_layer} C{ours.cfg.n_embd} V{ours.cfg.vocab_size}"
     prompt = torch.randint(0, min(50000, ours.cfg.vocab_size), (args.prefill,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    def ours_forward(tokens, state):
-        logits, state = ours.forward([tokens], state)
+    def ours_forward(tokens, state, check_finite=True):
+        logits, state = ours.forward([tokens], state, check_finite=check_finite)
         return logits[0], state
+
+    def ours_step(tokens, state):  # decoding: finiteness checked with the argmax (greedy_id_checked)
+        return ours_forward(tokens, state, check_finite=False)
 
     decode, prefill, mem_dec, mem_pre = 0.0, 0.0, 0, 0
     for _ in range(args.rounds):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        decode = max(decode, time_decode(ours_forward, args.warmup, args.decode))
+        decode = max(decode, time_decode(ours_step, args.warmup, args.decode, greedy_id_checked))
         mem_dec = max(mem_dec, torch.cuda.max_memory_allocated() - base)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

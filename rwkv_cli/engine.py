@@ -87,15 +87,18 @@ class Model:
             state = self.zero_state(tokens.shape[0])
         elif state.batch_size != tokens.shape[0]:
             raise ValueError(f"state holds {state.batch_size} sequences but {tokens.shape[0]} were given")
-        outs = []
         step = self.prefill_chunk
         if step == DEFAULT_PREFILL_CHUNK and tokens.is_cuda:  # GPU: longer chunks amortise launches
             step = self.net.gpu_prefill_chunk()
         with cpu_forward_threads(self.net.emb, prompt=tokens.shape[1] > 1):  # the finiteness sum too
-            for t0 in range(0, tokens.shape[1], step):
-                logits, state = self.net.forward(tokens[:, t0 : t0 + step], state, full_output)
-                outs.append(logits)
-            logits = torch.cat(outs, 1) if full_output else outs[-1]
+            if tokens.shape[1] <= step:  # one chunk (every decoding step): no slicing
+                logits, state = self.net.forward(tokens, state, full_output)
+            else:
+                outs = []
+                for t0 in range(0, tokens.shape[1], step):
+                    logits, state = self.net.forward(tokens[:, t0 : t0 + step], state, full_output)
+                    outs.append(logits)
+                logits = torch.cat(outs, 1) if full_output else outs[-1]
             logits = logits.float()
             if check_finite and not math.isfinite(float(logits.sum())):  # NaN or inf anywhere shows in the sum
                 raise non_finite_error(self.dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -111,15 +111,19 @@ def batched_matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (m @ x.unsqueeze(-1)).squeeze(-1)
 
 
-@contextmanager
 def cpu_forward_threads(x: torch.Tensor, prompt: bool = False):
-    """Run torch single-threaded around work next to NumPy BLAS calls: a decoding step and the
-    sampling right after it, and prompts whose products NumPy forms ("numpy-blas"). BLAS workers
-    keep spinning after a call."""
+    """A context that runs torch single-threaded around work next to NumPy BLAS calls: a decoding
+    step and the sampling right after it, and prompts whose products NumPy forms ("numpy-blas").
+    BLAS workers keep spinning after a call. Elsewhere (a GPU, say) a no-op context, cheaply: it
+    sits on every decoding step's path."""
     uses_blas = x.dtype == torch.float32 and x.device.type == "cpu" and numpy_decoding()
     if not uses_blas or (prompt and _prompts_onednn()) or torch.get_num_threads() == 1:
-        yield
-        return
+        return nullcontext()
+    return _single_threaded()
+
+
+@contextmanager
+def _single_threaded():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
