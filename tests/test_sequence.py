@@ -60,15 +60,20 @@ def test_wkv4_scan_equals_steps_with_extreme_decays():
     u = torch.randn(A, generator=gen)
     k, v = torch.randn(B, T, A, generator=gen) * 5, torch.randn(B, T, A, generator=gen)
     state = (torch.randn(B, A, generator=gen), torch.rand(B, A, generator=gen) + 0.1, torch.randn(B, A, generator=gen))
+    _check_wkv4_sequence_equals_steps(w, u, k, v, state)
+
+
+def _check_wkv4_sequence_equals_steps(w, u, k, v, state) -> None:
+    """wkv4_sequence against wkv4_step token by token: outputs and the final (num, den, max)."""
     num, den, mx = state
     outs = []
-    for t in range(T):
+    for t in range(k.shape[1]):
         y, num, den, mx = wkv4_step(w, u, k[:, t], v[:, t], num, den, mx)
         outs.append(y)
     y_seq, *final = wkv4_sequence(w, u, k, v, *state)
     assert torch.isfinite(y_seq).all()
     assert_close_to_reference(y_seq, torch.stack(outs, 1), "outputs")
-    for got, want, name in zip(final, (num, den, mx), ("num", "den", "max"), strict=False):
+    for got, want, name in zip(final, (num, den, mx), ("num", "den", "max"), strict=True):
         assert_close_to_reference(got, want, name)
 
 
@@ -80,16 +85,7 @@ def test_wkv4_sequence_from_empty_state(length):
     B, A = 2, 16
     w, u = -torch.exp(torch.randn(A, generator=gen)), torch.randn(A, generator=gen)
     k, v = torch.randn(B, length, A, generator=gen), torch.randn(B, length, A, generator=gen)
-    state = (torch.zeros(B, A), torch.zeros(B, A), torch.full((B, A), -1e30))
-    num, den, mx = state
-    outs = []
-    for t in range(length):
-        y, num, den, mx = wkv4_step(w, u, k[:, t], v[:, t], num, den, mx)
-        outs.append(y)
-    y_seq, *final = wkv4_sequence(w, u, k, v, *state)
-    assert_close_to_reference(y_seq, torch.stack(outs, 1), "outputs")
-    for got, want, name in zip(final, (num, den, mx), ("num", "den", "max"), strict=True):
-        assert_close_to_reference(got, want, name)
+    _check_wkv4_sequence_equals_steps(w, u, k, v, (torch.zeros(B, A), torch.zeros(B, A), torch.full((B, A), -1e30)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
