@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover - numpy ships with every torch wheel we 
     _np = None
 
 BACKENDS = ("numpy", "numpy-blas", "torch")
-_backend = "torch"
+_env_backend = os.environ.get("RWKV_CPU_MATMUL", "numpy")
+_backend = "torch" if _np is None else _env_backend if _env_backend in BACKENDS else "numpy"
 
 
 def set_cpu_matmul_backend(name: str) -> None:
@@ -59,7 +60,8 @@ def _onednn_linear():
     """oneDNN's fp32 linear op if this torch has it and it agrees with F.linear, else None."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)), torch.randn(16, 32)
+        gen = torch.Generator().manual_seed(0)  # not the global generator: users seed that one
+        x, w = torch.randn(8, 32, generator=gen), torch.randn(16, 32, generator=gen)
         if not torch.allclose(op(x, w, None, "none", [], ""), F.linear(x, w), rtol=1e-4, atol=1e-4):
             return None
         return op
@@ -89,9 +91,6 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         y = _np.matmul(x2.numpy(), w.numpy().T)
         return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
-
-_env_backend = os.environ.get("RWKV_CPU_MATMUL", "numpy")
-set_cpu_matmul_backend(_env_backend if _env_backend in BACKENDS else "numpy")
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
