@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
+from .checkpoint import HF_WEIGHT_FILES
 from .errors import RWKVError
 
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
@@ -153,11 +154,8 @@ def parse_spec(text: str) -> HubSpec:
     return HubSpec(repo_id, pattern or None, revision)
 
 
-# Hugging Face layout: the weights' entry point, in the order a model folder is read
-# (`rwkv_cli.checkpoint.HF_WEIGHT_FILES`); shards, and the small files fetched with the weights.
-HF_ENTRIES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
-)
+# Hugging Face layout: the weights' entry points are checkpoint.HF_WEIGHT_FILES (in the order a
+# model folder is read); shards, and the small files fetched with the weights.
 _HF_SHARD = re.compile(r"^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin)$")
 HF_COMPANIONS = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -188,7 +186,7 @@ def _local_checkpoint(path: Path) -> Path:
     if not path.is_dir():
         return path  # any file: the checkpoint reader says what it is if it is not a checkpoint
     if (path / "config.json").is_file():  # a Hugging Face model folder (transformers, fla-hub, RWKV-org)
-        for name in HF_ENTRIES:
+        for name in HF_WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name  # the weights, or the index of their shards
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
@@ -235,14 +233,14 @@ def _resolve_hub(spec: HubSpec, text: str, offline: bool, cache: Path, progress:
 
 
 def _hf_entry(spec: HubSpec, names: list[str]) -> str | None:
-    """For `owner/repo` alone: the Hugging Face weights' entry point (`HF_ENTRIES`) when the repo
+    """For `owner/repo` alone: the Hugging Face weights' entry point (`HF_WEIGHT_FILES`) when the repo
     has one and no BlinkDL checkpoint (a .pth / .safetensors that is not HF weights), else None."""
     if spec.pattern is not None:
         return None
-    blinkdl = [n for n in _matches(spec, names) if n not in HF_ENTRIES and not _HF_SHARD.match(n)]
+    blinkdl = [n for n in _matches(spec, names) if n not in HF_WEIGHT_FILES and not _HF_SHARD.match(n)]
     if blinkdl:
         return None
-    return next((n for n in HF_ENTRIES if n in names), None)
+    return next((n for n in HF_WEIGHT_FILES if n in names), None)
 
 
 def _resolve_hf_layout(
@@ -255,7 +253,7 @@ def _resolve_hf_layout(
     pinned = cache_only or (_repo_dir(cache, spec) / "snapshots" / listed[entry] / entry).is_file()
     revision = listed[entry] if pinned else spec.revision or "main"  # as for one file: refs/<name> recorded
     path = _download(spec, entry, revision, cache, cache_only, progress)
-    commit = path.parent.name  # every entry of HF_ENTRIES sits at the repo's root
+    commit = path.parent.name  # every entry of HF_WEIGHT_FILES sits at the repo's root
     names = [name for name in HF_COMPANIONS if listed.get(name) == listed[entry]]  # same snapshot
     if entry.endswith(".index.json"):
         names = _shards(spec, entry, path) + names

@@ -95,8 +95,9 @@ def _checkpoints(files) -> list:
     """(cached file, size) for each checkpoint in the cache: BlinkDL files (.pth, .safetensors) one
     by one; a Hugging Face-layout snapshot as its entry point (`model.safetensors`, a shard index
     with the total size of its cached shards, or `pytorch_model.bin`), its shards not listed apart."""
+    from ..checkpoint import HF_WEIGHT_FILES
     from ..errors import RWKVError
-    from ..hub import CHECKPOINT_SUFFIXES, HF_ENTRIES, hf_shard_names
+    from ..hub import CHECKPOINT_SUFFIXES, hf_shard_names
 
     by_snapshot: dict = {}
     for c in files:
@@ -106,7 +107,7 @@ def _checkpoints(files) -> list:
         names = {c.filename: c for c in snapshot}
         shards: set = set()
         for c in snapshot:
-            if c.filename.endswith(".index.json") and c.filename in HF_ENTRIES:
+            if c.filename.endswith(".index.json") and c.filename in HF_WEIGHT_FILES:
                 try:
                     listed = hf_shard_names(c.path)
                 except RWKVError:  # an unreadable index: its row says so, the shards stay listed
