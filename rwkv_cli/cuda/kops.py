@@ -86,16 +86,16 @@ def _sm_count(t: torch.Tensor) -> int:
     return _sm_counts[index]
 
 
-def gemv_plan(shapes: list[tuple[int, int]], sms: int, blocks_per_sm: int | None = None,
-              persistent: bool = True) -> list[tuple[int, int]]:
+def gemv_plan(shapes: list[tuple[int, int]], sms: int, persistent: bool = True) -> list[tuple[int, int]]:
     """How kernels/gemv.cu splits products [(O, I)] over the GPU: (ks, n_blocks) for each.
 
-    The launch aims at one wave of `blocks_per_sm` blocks on every multiprocessor. Products whose
+    The launch aims at one wave of GEMV_BLOCKS_PER_SM blocks on every multiprocessor. Products whose
     rows make too few tiles for that have their rows shared by ks = 2, 4 or 8 warps (each then
     sums an interleaved ks-th of I: shorter loops, more blocks) as long as the grid still fits the
     wave and every warp has at least one 512-byte piece of a row; products with more tiles than
-    the wave has blocks give each block several tiles (it stages its input once for all of them)."""
-    cap = (GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm) * sms
+    the wave has blocks give each block several tiles (it stages its input once for all of them).
+    `persistent=False` gives every tile its own block instead (tests cover the kernel both ways)."""
+    cap = GEMV_BLOCKS_PER_SM * sms
     rows = lambda k: GEMV_WARPS // k * GEMV_ROWS_PER_WARP  # noqa: E731
     ks = [1] * len(shapes)
 
@@ -127,8 +127,7 @@ def gemv_smem_bytes(B: int, In: int, in_act: int) -> int:
     return (rows + vecs) * In * 2
 
 
-def gemv_payload(segs: list[Seg], sms: int | None = None, blocks_per_sm: int | None = None,
-                 persistent: bool = True) -> tuple[bytes, int, int]:
+def gemv_payload(segs: list[Seg], sms: int | None = None, persistent: bool = True) -> tuple[bytes, int, int]:
     """Pack up to 8 products for one gemv launch: (parameter bytes, grid, dynamic shared memory).
     The split (`gemv_plan`) is made for the GPU of the weights unless `sms` says otherwise."""
     if not 1 <= len(segs) <= GEMV_MAX_SEG:
@@ -136,7 +135,7 @@ def gemv_payload(segs: list[Seg], sms: int | None = None, blocks_per_sm: int | N
     B = segs[0].x.shape[0]
     for s in segs:
         _check_seg(s, B)
-    plan = gemv_plan([tuple(s.W.shape) for s in segs], sms or _sm_count(segs[0].W), blocks_per_sm, persistent)
+    plan = gemv_plan([tuple(s.W.shape) for s in segs], sms or _sm_count(segs[0].W), persistent)
     fields, start, smem = [], 0, 0
     for s, (ks, n_blocks) in zip(segs, plan, strict=False):
         O, In = s.W.shape
