@@ -80,12 +80,21 @@ def stack_for_prompts(lw: Layer7) -> None:
     lw.W_rkv = torch.stack([lw.W_r, lw.W_k, lw.W_v])
     lw.W_r, lw.W_k, lw.W_v = lw.W_rkv.unbind(0)
     downs = [lw.v1, lw.w1, lw.a1, lw.g1]
-    D, C = max(t.shape[0] for t in downs if t is not None), lw.w1.shape[1]
-    lw.lora_down = torch.zeros(4, D, C, dtype=lw.w1.dtype, device=lw.w1.device)
-    for i, t in enumerate(downs):
-        if t is not None:
-            lw.lora_down[i, : t.shape[0]] = t
+    lw.lora_down = _stack_zero_padded(downs, dim=0)
     lw.v1, lw.w1, lw.a1, lw.g1 = (None if t is None else lw.lora_down[i, : t.shape[0]] for i, t in enumerate(downs))
+
+
+def _stack_zero_padded(ts: list, dim: int) -> torch.Tensor:
+    """Stack the LoRA matrices `ts` (None: a zero slot) along a new first dimension, each
+    zero-padded along `dim` to the largest rank among them."""
+    like = next(t for t in ts if t is not None)
+    shape = list(like.shape)
+    shape[dim] = max(t.shape[dim] for t in ts if t is not None)
+    out = torch.zeros(len(ts), *shape, dtype=like.dtype, device=like.device)
+    for i, t in enumerate(ts):
+        if t is not None:
+            out[i].narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
 
 
 def stack_lora_up(lw: Layer7) -> torch.Tensor:
@@ -95,12 +104,7 @@ def stack_lora_up(lw: Layer7) -> torch.Tensor:
     once batches that large are decoded. The zero columns meet the zero rows of `lora_down`, so
     whatever activation those lanes get (sigmoid(0) = 0.5) adds nothing."""
     if lw.lora_up is None:
-        ups = [lw.v2, lw.w2, lw.a2, lw.g2]
-        C, D = lw.w2.shape[0], lw.lora_down.shape[1]
-        lw.lora_up = torch.zeros(4, C, D, dtype=lw.w2.dtype, device=lw.w2.device)
-        for i, t in enumerate(ups):
-            if t is not None:
-                lw.lora_up[i, :, : t.shape[1]] = t
+        lw.lora_up = _stack_zero_padded([lw.v2, lw.w2, lw.a2, lw.g2], dim=1)
     return lw.lora_up
 
 
