@@ -48,13 +48,13 @@ def greedy_id(logits) -> int:
 
 def greedy_id_checked(logits) -> int:
     """Ours, as `rwkv generate` decodes: the argmax and the logits' finiteness in one transfer
-    (`Sampler.sample_ids`), the engine's own check switched off (`check_finite=False`)."""
-    import torch
+    (`ids_if_finite`, what `Sampler.sample_ids` uses), the engine's own check switched off."""
+    from rwkv_cli.sampling import ids_if_finite
 
-    token, finite = torch.stack([logits.argmax(), torch.isfinite(logits.sum()).long()]).tolist()
-    if not finite:
+    ids = ids_if_finite(logits.argmax().view(1), logits.view(1, -1))
+    if ids is None:
         raise RuntimeError("non-finite logits while decoding")
-    return token
+    return ids[0]
 
 
 def time_decode(forward, n_warmup: int, n: int, next_id=greedy_id) -> float:

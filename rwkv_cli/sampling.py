@@ -69,6 +69,14 @@ def uncounted_tokens(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def ids_if_finite(tokens: torch.Tensor, logits: torch.Tensor) -> list[int] | None:
+    """Token ids [B] as host integers, read in one transfer with the finiteness of each row of
+    `logits` [B, V] (one wait for the device per decoding step); None when any logit is NaN or inf."""
+    finite = torch.isfinite(logits.sum(-1)).long()
+    both = torch.cat([tokens, finite]).tolist()
+    return both[: len(tokens)] if all(both[len(tokens) :]) else None
+
+
 class Sampler:
     """Samples one token per sequence per step, keeping each sequence's penalty counts."""
 
@@ -146,10 +154,7 @@ class Sampler:
     def sample_ids(self, logits: torch.Tensor) -> list[int] | None:
         """`sample` as host integers, with the finiteness of `logits` checked in the same transfer
         (one wait for the device per step); None when any logit is NaN or infinite."""
-        tokens = self.sample(logits)
-        finite = torch.isfinite(logits.sum(-1)).long()
-        both = torch.cat([tokens, finite]).tolist()
-        return both[: len(tokens)] if all(both[len(tokens) :]) else None
+        return ids_if_finite(self.sample(logits), logits)
 
     def _truncate(self, sorted_p: torch.Tensor, rows: list[int], check_complete: bool = True):
         """sorted_p [R, K]: the K largest probabilities of each row, descending. Returns the kept
