@@ -39,10 +39,10 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
 }
 
 // 16 bytes global -> shared without registers (cp.async; the kernels need sm_80+ anyway for
-// bf16); copy_wait() waits for this thread's copies.
-__device__ __forceinline__ void copy16(uint4* dst, const void* src) {
-    unsigned d;
-    asm volatile("{\n\t.reg .u64 a;\n\tcvta.to.shared.u64 a, %1;\n\tcvt.u32.u64 %0, a;\n\t}" : "=r"(d) : "l"(dst));
+// bf16); copy_wait() waits for all of this thread's copies (kernels/rwkv7.cu commits them in
+// groups and waits for the older ones instead).
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
 }
 __device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }

@@ -129,25 +129,35 @@ __device__ __forceinline__ void stage_issue(const Seg& sg, uint4* xs, int nchunk
     }
 }
 
-// For each staged row b: the block's sum over the row's values of x (SQUARE false) or of
-// (x - center[b])^2. `red` is shared scratch [WARPS][B]; ends synced.
-template <class S, int B, bool SQUARE>
-__device__ __forceinline__ void row_sums(const uint4* xs, int nchunk, const float* center, float (*red)[B], float* out) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float sum[B];
-#pragma unroll
-    for (int b = 0; b < B; ++b) sum[b] = 0.f;
+// fn(b, f) on this thread's 8-value pieces f of every staged row b (fn may change f in place:
+// with WRITE, the pieces are stored back).
+template <class S, int B, bool WRITE, class F>
+__device__ __forceinline__ void each_staged(uint4* xs, int nchunk, F fn) {
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x)
 #pragma unroll
         for (int b = 0; b < B; ++b) {
             float f[8];
             unpack8<S>(xs[b * nchunk + c], f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const float d = SQUARE ? f[e] - center[b] : f[e];
-                sum[b] += SQUARE ? d * d : d;
-            }
+            fn(b, f);
+            if (WRITE) xs[b * nchunk + c] = pack8<S>(f);
         }
+}
+
+// For each staged row b: the block's sum over the row's values of x (SQUARE false) or of
+// (x - center[b])^2. `red` is shared scratch [WARPS][B]; ends synced.
+template <class S, int B, bool SQUARE>
+__device__ __forceinline__ void row_sums(uint4* xs, int nchunk, const float* center, float (*red)[B], float* out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float sum[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) sum[b] = 0.f;
+    each_staged<S, B, false>(xs, nchunk, [&](int b, float* f) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float d = SQUARE ? f[e] - center[b] : f[e];
+            sum[b] += SQUARE ? d * d : d;
+        }
+    });
 #pragma unroll
     for (int b = 0; b < B; ++b) {
         const float t = warp_sum(sum[b]);
@@ -172,17 +182,11 @@ __device__ __forceinline__ void stage_finish(const Seg& sg, uint4* xs, int nchun
     uint4* const sh = xs + B * nchunk;
     uint4* const par = sh + (mixed ? B * nchunk : 0);
     copy_wait();
-    if (act == 1 || act == 2) {
-        for (int c = threadIdx.x; c < nchunk; c += blockDim.x)
+    if (act == 1 || act == 2)
+        each_staged<S, B, true>(xs, nchunk, [&](int, float* f) {
 #pragma unroll
-            for (int b = 0; b < B; ++b) {
-                float f[8];
-                unpack8<S>(xs[b * nchunk + c], f);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) f[e] = activate(f[e], act);
-                xs[b * nchunk + c] = pack8<S>(f);
-            }
-    }
+            for (int e = 0; e < 8; ++e) f[e] = activate(f[e], act);
+        });
     if (!ln) {
         __syncthreads();
         return;

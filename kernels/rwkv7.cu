@@ -78,10 +78,6 @@ __device__ void wkv7_prep_impl(const typename S::T* r, const typename S::T* k, c
 #define NV 6  // r, d, kk, kw, beta, vw  (vw indexed by row, the rest by column)
 #define WKV7_SEQ_SMEM (STAGES * TC * NV * N * 4 + TC * 16 * 8 * 4)
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const u32 s = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_stages() { asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1)); }
 
@@ -128,7 +124,7 @@ extern "C" __global__ void __launch_bounds__(64) wkv7_seq(
             const int q = idx & 15, vec = (idx >> 4) % NV, tt = idx / (16 * NV);
             const int t = chunk * TC + tt;
             const float* src = vec == 0 ? r : vec == 1 ? d : vec == 2 ? kk : vec == 3 ? kw : vec == 4 ? beta : vw;
-            if (t < T) cp_async16(&buf[slot][tt][vec][4 * q], src + ((size_t)(b * T + t)) * C + h * N + 4 * q);
+            if (t < T) copy16(&buf[slot][tt][vec][4 * q], src + ((size_t)(b * T + t)) * C + h * N + 4 * q);
         }
         cp_async_commit();
     };
