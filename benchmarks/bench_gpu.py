@@ -8,8 +8,9 @@ checkpoints in real shapes, in one run; prints the issue's table with ratios.
 For each shape one child process (started with the reference's environment flags: RWKV_V7_ON
 selects its v7 class at import) loads the checkpoint into both engines and times, the way
 shared/tools/bench_reference.py times the reference: batch-1 greedy decode tok/s (100 steps after
-10 warm-up steps, each step's argmax read back on the host; ours reads the logits' finiteness in
-the same transfer, as `rwkv generate` does, where the reference checks nothing) and the prefill tok/s of one
+10 warm-up steps; the reference's argmax read back on the host each step, ours through the
+Sampler and DecodeLoop exactly as `rwkv generate` decodes, the logits' finiteness read with the ids,
+where the reference checks nothing) and the prefill tok/s of one
 4096-token prompt (after a 64-token warm-up); ours best of `--rounds`. It also reports our peak
 GPU memory beyond the weights while decoding and while prefilling, and how far our logits are from
 the reference's after the prompt. Needs a CUDA GPU and the `rwkv` test dependency (nvcc and ninja
@@ -46,15 +47,24 @@ def greedy_id(logits) -> int:
     return int(logits.argmax())
 
 
-def greedy_id_checked(logits) -> int:
-    """Ours, as `rwkv generate` decodes: the argmax and the logits' finiteness in one transfer
-    (`ids_if_finite`, what `Sampler.sample_ids` uses), the engine's own check switched off."""
-    from rwkv_cli.sampling import ids_if_finite
+def time_decode_ours(model, B: int, n_warmup: int, n: int) -> float:
+    """Ours, as `rwkv generate` decodes: greedy through the Sampler and the DecodeLoop (the next
+    step queued before the ids are read back, with the logits' finiteness in the same transfer).
+    Returns aggregate tok/s over B sequences."""
+    from rwkv_cli.decoding import DecodeLoop
+    from rwkv_cli.sampling import Sampler, SamplingParams
 
-    ids = ids_if_finite(logits.argmax().view(1), logits.view(1, -1))
-    if ids is None:
-        raise RuntimeError("non-finite logits while decoding")
-    return ids[0]
+    greedy = SamplingParams(temperature=0, presence_penalty=0, frequency_penalty=0)
+    logits, state = model.forward([[0]] * B)
+    loop = DecodeLoop(model, Sampler([greedy] * B, model.cfg.vocab_size, device=logits.device), logits, state)
+    for _ in range(n_warmup):
+        next(loop)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(loop)
+    sync()
+    return B * n / (time.perf_counter() - t0)
 
 
 def time_decode(forward, n_warmup: int, n: int, next_id=greedy_id) -> float:
@@ -98,14 +108,11 @@ def worker(args) -> None:
         logits, state = ours.forward([tokens], state, check_finite=check_finite)
         return logits[0], state
 
-    def ours_step(tokens, state):  # decoding: finiteness checked with the argmax (greedy_id_checked)
-        return ours_forward(tokens, state, check_finite=False)
-
     decode, prefill, mem_dec, mem_pre = 0.0, 0.0, 0, 0
     for _ in range(args.rounds):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        decode = max(decode, time_decode(ours_step, args.warmup, args.decode, greedy_id_checked))
+        decode = max(decode, time_decode_ours(ours, 1, args.warmup, args.decode))
         mem_dec = max(mem_dec, torch.cuda.max_memory_allocated() - base)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -115,16 +122,7 @@ def worker(args) -> None:
     res.update(ours_decode=decode, ours_prefill=prefill, decode_extra_bytes=mem_dec, prefill_extra_bytes=mem_pre,
                state_bytes=ours.zero_state(1).nbytes, prefill_chunk=ours.net.gpu_prefill_chunk())
     for B in args.batch:
-        toks = torch.randint(0, 1000, (B, 16), generator=torch.Generator().manual_seed(B))
-        logits, state = ours.forward(toks)
-        for _ in range(3):
-            logits, state = ours.forward(logits.argmax(-1, keepdim=True), state)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.decode // 2):
-            logits, state = ours.forward(logits.argmax(-1, keepdim=True), state)
-        sync()
-        res[f"ours_decode_B{B}"] = B * (args.decode // 2) / (time.perf_counter() - t0)
+        res[f"ours_decode_B{B}"] = time_decode_ours(ours, B, 3, args.decode // 2)
     if not args.no_reference:
         from rwkv.model import RWKV  # the reference (class chosen by RWKV_V7_ON)
 

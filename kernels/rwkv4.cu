@@ -72,10 +72,15 @@ template <class S>
 __device__ void wkv4_step_impl(const float* w, const float* u, const float* k, const float* v,
                                const typename S::T* r, const float* num, const float* den, const float* mx,
                                typename S::T* out, float* num_o, float* den_o, float* mx_o, int B, int A) {
+    // A programmatic dependent launch, as wkv7_step: the state (from an earlier step) is read
+    // before the wait, k, v and r (the previous kernel's) after it.
+    launch_dependents();
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    WKV4 s = {0.f, 0.f, 0.f};
+    if (idx < B * A) s = {num[idx], den[idx], mx[idx]};
+    grid_dependency_wait();
     if (idx >= B * A) return;
     const int c = idx % A;
-    WKV4 s = {num[idx], den[idx], mx[idx]};
     const float kc = k[idx], vc = v[idx];
     const float wkv = s.read(u[c], kc, vc);
     s.absorb(w[c], kc, vc);

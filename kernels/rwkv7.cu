@@ -216,6 +216,17 @@ __device__ void wkv7_step_impl(const typename S::T* r, const typename S::T* k, c
     const int c = h * N + (tid & (N - 1));
     const size_t at = (size_t)b * C + c;
 
+    // Launched as a programmatic dependent (rwkv_cli/cuda/loader.py): the next product may start
+    // fetching its weights now, and this block fetches its state rows while the previous kernel
+    // finishes. S_in was written by an earlier decoding step, complete before this step's first
+    // (ordinary) launch; everything the previous kernel writes is read after the wait.
+    launch_dependents();
+    const int g = tid & 7, p = tid >> 3, i0 = p, i1 = p + 32;
+    const float* Sb = S_in + (size_t)bh * N * N;
+    float4 s0a = *(const float4*)(Sb + i0 * N + 4 * g), s0b = *(const float4*)(Sb + i0 * N + 32 + 4 * g);
+    float4 s1a = *(const float4*)(Sb + i1 * N + 4 * g), s1b = *(const float4*)(Sb + i1 * N + 32 + 4 * g);
+    grid_dependency_wait();
+
     // steps 3-7: threads 0..63 each prepare one channel; the norm of kk is a block reduction
     Prep pc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (tid < N) {
@@ -231,10 +242,6 @@ __device__ void wkv7_step_impl(const typename S::T* r, const typename S::T* k, c
     const float bonus = block_sum(tid < N ? pc.r * pc.kw * S::load(r_k[c]) : 0.f, scratch);  // syncs too
 
     // steps 8-9
-    const int g = tid & 7, p = tid >> 3, i0 = p, i1 = p + 32;
-    const float* Sb = S_in + (size_t)bh * N * N;
-    float4 s0a = *(const float4*)(Sb + i0 * N + 4 * g), s0b = *(const float4*)(Sb + i0 * N + 32 + 4 * g);
-    float4 s1a = *(const float4*)(Sb + i1 * N + 4 * g), s1b = *(const float4*)(Sb + i1 * N + 32 + 4 * g);
     const float4 ka = *(const float4*)&vec[2][4 * g], kb = *(const float4*)&vec[2][32 + 4 * g];
     const float sa0 = -sum8(dot8(s0a, s0b, ka, kb)), sa1 = -sum8(dot8(s1a, s1b, ka, kb));
     const float4 da = *(const float4*)&vec[1][4 * g], db = *(const float4*)&vec[1][32 + 4 * g];

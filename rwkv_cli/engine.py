@@ -104,6 +104,17 @@ class Model:
                 raise non_finite_error(self.dtype)
         return logits, state
 
+    def step(self, tokens: torch.Tensor, state: State):
+        """One decoding step for ids [B] that a Sampler drew (in range by construction, possibly
+        still being computed on the device): no checks, so nothing waits for the device. Returns
+        fp32 logits [B, V], not checked for finiteness (the sampler's read-back does that), and
+        the new state."""
+        if state.batch_size != tokens.shape[0]:
+            raise ValueError(f"state holds {state.batch_size} sequences but {tokens.shape[0]} tokens were given")
+        with cpu_forward_threads(self.net.emb):
+            logits, state = self.net.forward(tokens.view(-1, 1), state)
+        return logits.float(), state
+
     def _as_batch(self, tokens, full_output: bool = False) -> torch.Tensor:
         V = self.cfg.vocab_size
         if not isinstance(tokens, torch.Tensor):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Model, non_finite_error
-from .ops import cpu_forward_threads
+from .decoding import DecodeLoop
+from .engine import Model
 from .sampling import Sampler, SamplingParams, uncounted_tokens
 from .state import State
 
@@ -121,16 +121,15 @@ class Generation:
         detok, stops = tok.detokenizer(), StopMatcher(self.stop)
         eos = getattr(tok, "eos_id", 0) if self.stop_at_eos else None
         t0 = time.perf_counter()
+        # each step's state is queued before its token reaches the host (decoding.py); it is taken
+        # only once the token is known to continue the text
+        steps = DecodeLoop(model, sampler, self.logits, self.state)
         while self.max_tokens < 0 or len(self.tokens) < self.max_tokens:
-            with cpu_forward_threads(self.logits):  # no fight with BLAS's spinning threads
-                sampled = sampler.sample_ids(self.logits)
-            if sampled is None:
-                raise non_finite_error(model.dtype)
+            sampled, logits, state = next(steps)
             token = sampled[0]
             if token == eos:
                 self.finish_reason = "stop"
                 break
-            logits, state = model.forward([[token]], self.state, check_finite=False)
             self.prev_logits, self.prev_state = self.logits, self.state
             self.logits, self.state = logits, state
             self.tokens.append(token)
@@ -197,11 +196,9 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
         stops = {i: StopMatcher(requests[i].stop) for i in group}
         out = {i: {"tokens": [], "text": ""} for i in group}
         t0 = time.perf_counter()
+        steps = DecodeLoop(model, sampler, logits, state)
         while active:
-            with cpu_forward_threads(logits):
-                tokens = sampler.sample_ids(logits)
-            if tokens is None:
-                raise non_finite_error(model.dtype)
+            tokens, _, _ = next(steps)
             keep, finished = [], []
             for row, (i, token) in enumerate(zip(active, tokens, strict=False)):
                 req, res = requests[i], out[i]
@@ -228,8 +225,5 @@ def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_
             if not keep:
                 break
             if len(keep) < len(active):
-                state, sampler_rows = state.select(keep), keep
-                sampler.select(sampler_rows)
+                steps.select(keep)
                 active = [active[r] for r in keep]
-                tokens = [tokens[r] for r in keep]
-            logits, state = model.forward([[t] for t in tokens], state, check_finite=False)

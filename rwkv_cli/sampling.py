@@ -70,8 +70,8 @@ def uncounted_tokens(tokenizer) -> tuple[int, ...]:
 
 
 def ids_if_finite(tokens: torch.Tensor, logits: torch.Tensor) -> list[int] | None:
-    """Token ids [B] as host integers, read in one transfer with the finiteness of each row of
-    `logits` [B, V] (one wait for the device per decoding step); None when any logit is NaN or inf."""
+    """Token ids [B] as host integers, read with the finiteness of each row of `logits` [B, V];
+    None when any logit is NaN or inf. (A GPU's decoding loop queues the same read: decoding.py.)"""
     finite = torch.isfinite(logits.sum(-1)).long()
     both = torch.cat([tokens, finite]).tolist()
     return both[: len(tokens)] if all(both[len(tokens) :]) else None
@@ -98,6 +98,14 @@ class Sampler:
             ids = [t for t in p.ban_tokens if 0 <= t < vocab_size]
             self.ban[b, ids] = True
         self.generators = [self._generator(p.seed, device) for p in self.params]
+        self._flags()
+
+    def _flags(self) -> None:
+        """Which work the current rows need: penalties and counts only where some row penalises,
+        bans only where some row bans, and no softmax or sort when every row is greedy."""
+        self.penalizes = any(p.presence_penalty or p.frequency_penalty for p in self.params)
+        self.bans = any(p.ban_tokens for p in self.params)
+        self.all_greedy = all(p.temperature == 0 for p in self.params)
 
     @staticmethod
     def _generator(seed: int | None, device) -> torch.Generator:
@@ -115,24 +123,31 @@ class Sampler:
             setattr(self, name, getattr(self, name)[idx])
         self.params = [self.params[i] for i in rows]
         self.generators = [self.generators[i] for i in rows]
+        self._flags()
 
     def penalized(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] after bans and decaying presence/frequency penalties."""
         logits = logits[:, : self.vocab_size].float()
-        penalty = torch.where(self.seen, self.presence + self.counts * self.frequency, 0.0)
-        return (logits - penalty).masked_fill(self.ban, float("-inf"))
+        if self.penalizes:
+            logits = logits - torch.where(self.seen, self.presence + self.counts * self.frequency, 0.0)
+        return logits.masked_fill(self.ban, float("-inf")) if self.bans else logits
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Draw one token per sequence from logits [B, V]; updates the penalty counts. -> [B]
 
         Which rows are greedy, and their temperatures, come from the host-side parameters, so a
         GPU is never waited on before the draw itself."""
-        probs = torch.softmax(self.penalized(logits), -1)
+        logits = self.penalized(logits)
+        if self.all_greedy:  # softmax keeps the order: greedy rows take the argmax of the logits
+            tokens = logits.argmax(-1)
+            self.record(tokens)
+            return tokens
+        probs = torch.softmax(logits, -1)
         tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
         greedy = [b for b, p in enumerate(self.params) if p.temperature == 0]
         rows = [b for b, p in enumerate(self.params) if p.temperature != 0]
         if greedy:
-            tokens[greedy] = probs[greedy].argmax(-1)
+            tokens[greedy] = logits[greedy].argmax(-1)
         # Truncation needs only the head of the sorted distribution. On the CPU, take the top
         # CANDIDATES first (a partial sort, ~25x cheaper than sorting 65k probabilities), widening
         # only for rows whose kept set might extend past them. A GPU sorts everything in one call.
@@ -150,11 +165,6 @@ class Sampler:
             rows = [] if last else [b for n, b in enumerate(rows) if not complete[n]]
         self.record(tokens)
         return tokens
-
-    def sample_ids(self, logits: torch.Tensor) -> list[int] | None:
-        """`sample` as host integers, with the finiteness of `logits` checked in the same transfer
-        (one wait for the device per step); None when any logit is NaN or infinite."""
-        return ids_if_finite(self.sample(logits), logits)
 
     def _truncate(self, sorted_p: torch.Tensor, rows: list[int], check_complete: bool = True):
         """sorted_p [R, K]: the K largest probabilities of each row, descending. Returns the kept
@@ -177,7 +187,10 @@ class Sampler:
         return torch.where(sorted_p >= cutoff, sorted_p, 0.0), complete
 
     def record(self, tokens: torch.Tensor) -> None:
-        """Decay every count, then count the drawn tokens (also used for forced tokens)."""
+        """Decay every count, then count the drawn tokens (also used for forced tokens). Nothing to
+        keep while no row penalises."""
+        if not self.penalizes:
+            return
         self.counts.mul_(self.decay)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         self.counts[rows, tokens] += self.weight[tokens]

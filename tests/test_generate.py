@@ -153,3 +153,64 @@ def test_non_finite_logits_stop_generation_with_an_error(world_model, world):
     gen = Generation(world_model, world, [], GREEDY, max_tokens=3, state=world_model.zero_state(), logits=nan)
     with pytest.raises(NonFiniteError, match="non-finite"):
         gen.run()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def stepwise_greedy(model, logits, state, n):
+    """The plain loop DecodeLoop must equal: argmax on the host, then the next step."""
+    out = []
+    for _ in range(n):
+        ids = logits.argmax(-1).tolist()
+        logits, state = model.forward([[i] for i in ids], state)
+        out.append((ids, logits, state))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_decode_loop_equals_step_by_step_and_select_keeps_rows(make_ckpt, version, device):
+    """DecodeLoop (the next step queued before the ids are read back) yields the ids, logits and
+    states of the plain step-by-step loop, exactly (same steps, same inputs); after `select` the
+    kept rows go on as they would have."""
+    from rwkv_cli.decoding import DecodeLoop
+
+    model = load_model(make_ckpt(version, 3, 128, 1024), device, "fp32")
+    logits, state = model.forward(torch.randint(0, 1024, (3, 9), generator=torch.Generator().manual_seed(0)))
+    loop = DecodeLoop(model, Sampler([GREEDY] * 3, 1024, device=logits.device), logits, state)
+    for ids_ref, logits_ref, state_ref in stepwise_greedy(model, logits, state, 5):
+        ids, logits_out, state_out = next(loop)
+        assert ids == ids_ref
+        assert torch.equal(logits_out, logits_ref)
+        for a, b in zip(state_out.tensors(), state_ref.tensors(), strict=True):
+            assert torch.equal(a, b)
+    loop.select([2, 0])
+    (ids_ref, logits_ref, _), = stepwise_greedy(model, logits_ref[[2, 0]], state_ref.select(torch.tensor([2, 0])), 1)
+    ids, logits_out, _ = next(loop)
+    assert ids == ids_ref and torch.equal(logits_out, logits_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_end_of_text_leaves_the_state_after_the_last_token_shown(make_ckpt, world, device):
+    """The step queued for the end-of-text token is not taken: the Generation's state and logits
+    are those after its last generated token, as if the loop had not run ahead."""
+    model = load_model(make_ckpt("7", 3, 128, 65536), device, "fp32")
+    ids = world.encode("A story about")
+    probe = Generation(model, world, ids, GREEDY, max_tokens=16, stop_at_eos=False)
+    probe.run()
+    stop = next(i for i in range(3, 16) if probe.tokens[i] not in probe.tokens[:i])
+
+    class EosAt:  # the world tokenizer, with end-of-text moved to a token the model will draw
+        eos_id = probe.tokens[stop]
+
+        def __getattr__(self, name):
+            return getattr(world, name)
+
+    gen = Generation(model, EosAt(), ids, GREEDY, max_tokens=16)
+    gen.run()
+    assert gen.tokens == probe.tokens[:stop] and gen.finish_reason == "stop"
+    logits, state = model.forward([ids + probe.tokens[:stop]])
+    assert torch.allclose(gen.logits, logits, atol=1e-4)
+    for a, b in zip(gen.state.tensors(), state.tensors(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -1,9 +1,9 @@
 """`rwkv bench`: prompt-processing and generation speed of a model, like llama-bench.
 
 For each batch size B: `ppP` times one forward over B prompts of P tokens from a zero state;
-`tgN` times N single-token steps of B sequences (greedy, after warm-up steps, so CUDA graphs and
-kernels are built before the clock starts). Each test runs `--repetitions` times; the table
-shows the mean and the spread. Memory: the GPU's peak allocated bytes (weights included), or the
+`tgN` times N single-token steps of B sequences (greedy, through the decoding loop that `rwkv
+generate` uses, after warm-up steps, so CUDA graphs and kernels are built before the clock
+starts). Each test runs `--repetitions` times; the table shows the mean and the spread. Memory: the GPU's peak allocated bytes (weights included), or the
 process's peak resident size on the CPU.
 """
 
@@ -62,20 +62,22 @@ def _time_prompt(model, B: int, P: int, reps: int) -> list[float]:
 def _time_gen(model, B: int, N: int, reps: int) -> list[float]:
     import torch
 
+    from ..decoding import DecodeLoop
+    from ..sampling import Sampler, SamplingParams
+
     toks = torch.randint(0, model.cfg.vocab_size, (B, 16), generator=torch.Generator().manual_seed(1))
     logits, state = model.forward(toks)
-
-    def step(logits, state):  # greedy, the ids read back as a generation loop does
-        return model.forward([[i] for i in logits.argmax(-1).tolist()], state)
-
+    greedy = SamplingParams(temperature=0, presence_penalty=0, frequency_penalty=0)
+    # greedy through the loop `rwkv generate` uses (the next step queued before the ids are read)
+    loop = DecodeLoop(model, Sampler([greedy] * B, model.cfg.vocab_size, device=logits.device), logits, state)
     for _ in range(3):  # warm-up steps: the CUDA graph for this batch size is captured here
-        logits, state = step(logits, state)
+        next(loop)
     out = []
     for _ in range(reps):
         _sync(model.device)
         t0 = time.perf_counter()
         for _ in range(N):
-            logits, state = step(logits, state)
+            next(loop)
         _sync(model.device)
         out.append(B * N / (time.perf_counter() - t0))
     return out

@@ -210,7 +210,9 @@ def wkv7_post(K, y, r, kw, vw, g, r_k, ln_w, ln_b, H: int):
 
 def wkv7_step(K, r, k, v, wz, az, vz, g, vf, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S_in, S_out, out):
     """One token ([B, C] inputs). Writes out [B, C] and S_out (may be S_in); in layer 0 (vz None)
-    it writes v into vf (v_first for the later layers)."""
+    it writes v into vf (v_first for the later layers). A programmatic dependent launch on sm_90+
+    that reads S_in before waiting for the previous kernel: S_in must not be written by the run of
+    dependent launches (gemv, wkv steps) right before it (a decoding step's state never is)."""
     B, H, N, _ = S_in.shape
     if N != HEAD_SIZE:
         raise ValueError(f"wkv7_step is written for head size {HEAD_SIZE}")
@@ -228,7 +230,8 @@ def wkv4_seq(K, w, u, k, v, num, den, mx):
 
 
 def wkv4_step(K, w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o):
-    """One token: k, v fp32 [B, A], r [B, A] -> out = r * wkv; the state may be updated in place."""
+    """One token: k, v fp32 [B, A], r [B, A] -> out = r * wkv; the state may be updated in place.
+    Reads the state before waiting for the previous kernel, as `wkv7_step`."""
     B, A = k.shape
     K.get(f"wkv4_step_{SUFFIX[r.dtype]}")(-(-B * A // 256), 256, w, u, *map(_c, (k, v, r, num, den, mx)), out,
                                           num_o, den_o, mx_o, B, A)

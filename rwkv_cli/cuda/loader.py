@@ -34,6 +34,10 @@ SIGNATURES = {
     "wkv4_step": "pppppppppppp" + "ii",
 }
 
+# Launched as programmatic dependents too (besides gemv): the decoding steps, which read only their
+# own state rows (written by an earlier decoding step, complete before this one began) and
+# weights before their griddepcontrol.wait.
+DEPENDENT_FAMILIES = ("wkv7_step", "wkv4_step")
 
 # struct GemvParams of kernels/gemv.cu: 8 x Seg (10 pointers, 7 ints, a float, 4 ints), n_seg
 GEMV_PARAMS_FMT = "@" + "10Q7if4i" * 8 + "i4x"
@@ -87,10 +91,12 @@ def _check(result, what: str):
 class Kernel:
     """One compiled kernel, launched with arguments packed into a reused parameter buffer."""
 
-    def __init__(self, driver, func, name: str, sig: str):
+    def __init__(self, driver, func, name: str, sig: str, dependent: bool = False):
         import ctypes
 
         self.driver, self.func, self.name = driver, func, name
+        # programmatic dependent launch: see _launch
+        self.config = _dependent_launch_config(driver) if dependent else None
         codes = {"p": "Q", "i": "i", "f": "f"}
         fmt, offsets = "@", []
         for code in sig:
@@ -123,26 +129,34 @@ class Kernel:
         grid = (grid, 1, 1) if isinstance(grid, int) else tuple(grid) + (1,) * (3 - len(grid))
         with self.lock:
             struct.pack_into(self.fmt, self.buf, 0, *self.pack(args))
-            _check(self.driver.cuLaunchKernel(self.func, *grid, block, 1, 1, smem, stream, self.ptrs_addr, 0),
-                   f"launch of {self.name}")
+            self._launch(grid, block, smem, stream)
+
+    def _launch(self, grid: tuple, block: int, smem: int, stream: int) -> None:
+        """Launch with the parameters in self.buf. A dependent launch (`config`) lets the kernel's
+        blocks start while the previous kernel in the stream is finishing; the kernel waits for
+        it (griddepcontrol.wait) before it reads anything that kernel may write."""
+        if self.config is not None:
+            cfg = self.config
+            (cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ), cfg.blockDimX, cfg.sharedMemBytes = grid, block, smem
+            cfg.hStream = self.driver.CUstream(stream)
+            _check(self.driver.cuLaunchKernelEx(cfg, self.func, self.ptrs_addr, 0), f"launch of {self.name}")
+            return
+        _check(self.driver.cuLaunchKernel(self.func, *grid, block, 1, 1, smem, stream, self.ptrs_addr, 0),
+               f"launch of {self.name}")
 
 
 class RawKernel(Kernel):
-    """A kernel taking one struct by value: the caller passes the packed bytes.
-
-    With `dependent` (kernels/gemv.cu on sm_90+), launches are programmatic dependent launches:
-    the kernel's blocks may start while the previous kernel in the stream is finishing, and the
-    kernel itself waits for it (griddepcontrol.wait) before it reads anything but its weights."""
+    """A kernel taking one struct by value: the caller passes the packed bytes (kernels/gemv.cu,
+    launched as a programmatic dependent on sm_90+: it reads only its weights before the wait)."""
 
     def __init__(self, driver, func, name: str, size: int, dependent: bool = False):
-        super().__init__(driver, func, name, "")
+        super().__init__(driver, func, name, "", dependent)
         import ctypes
 
         self.size = size
         self.buf = ctypes.create_string_buffer(size)
         self.ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(self.buf))
         self.ptrs_addr = ctypes.addressof(self.ptrs)
-        self.config = _dependent_launch_config(driver) if dependent else None
 
     def launch(self, grid: int, block: int, payload: bytes, smem: int = 0):
         import torch
@@ -150,14 +164,7 @@ class RawKernel(Kernel):
         stream = torch.cuda.current_stream().cuda_stream
         with self.lock:
             self.buf[: len(payload)] = payload
-            if self.config is not None:
-                cfg = self.config
-                cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes = grid, block, smem
-                cfg.hStream = self.driver.CUstream(stream)
-                _check(self.driver.cuLaunchKernelEx(cfg, self.func, self.ptrs_addr, 0), f"launch of {self.name}")
-                return
-            _check(self.driver.cuLaunchKernel(self.func, grid, 1, 1, block, 1, 1, smem, stream, self.ptrs_addr, 0),
-                   f"launch of {self.name}")
+            self._launch((grid, 1, 1), block, smem, stream)
 
 
 def _dependent_launch_config(driver):
@@ -165,7 +172,7 @@ def _dependent_launch_config(driver):
     these bindings lack cuLaunchKernelEx."""
     try:
         cfg = driver.CUlaunchConfig()
-        cfg.gridDimY = cfg.gridDimZ = cfg.blockDimY = cfg.blockDimZ = 1
+        cfg.blockDimY = cfg.blockDimZ = 1
         attr = driver.CUlaunchAttribute()
         attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         attr.value.programmaticStreamSerializationAllowed = 1
@@ -187,7 +194,8 @@ class Kernels:
         self.device_index = device_index
         major, minor = torch.cuda.get_device_capability(device_index)
         self.arch = major * 10 + minor
-        # programmatic dependent launches of gemv (Hopper and later); RWKV_CUDA_PDL=0 turns them off
+        # programmatic dependent launches of gemv and the decoding steps (Hopper and later);
+        # RWKV_CUDA_PDL=0 turns them off
         self.dependent_launch = self.arch >= 90 and os.environ.get("RWKV_CUDA_PDL", "1") != "0" \
             and _dependent_launch_config(self.driver) is not None  # the bindings have cuLaunchKernelEx
         major_v, minor_v = _check(self.nvrtc.nvrtcVersion(), "nvrtcVersion")
@@ -302,7 +310,8 @@ class Kernels:
             module = {"ln": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4"}[family[:2]]
             func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
             self._allow_smem(func, name)
-            self._funcs[name] = Kernel(self.driver, func, name, SIGNATURES[family])
+            self._funcs[name] = Kernel(self.driver, func, name, SIGNATURES[family],
+                                       dependent=self.dependent_launch and family in DEPENDENT_FAMILIES)
         return self._funcs[name]
 
 
