@@ -23,28 +23,26 @@ import torch
 
 from .engine import Model, non_finite_error
 from .ops import cpu_forward_threads
-from .sampling import Sampler, ids_if_finite
+from .sampling import Sampler
 from .state import State
 
 
 class _HostIds:
-    """Token ids [B] and the finiteness of their logits' rows, copied to pinned host memory
-    behind the device's queue; `wait` returns them as ints (None when any logit is NaN or inf)."""
+    """Checked ids [B] (`sampling.checked_ids`: -1 where a row's logits were not finite), copied
+    to pinned host memory behind the device's queue; `wait` returns them as ints."""
 
     def __init__(self, B: int):
-        self.pinned = torch.zeros(2 * B, dtype=torch.long, pin_memory=True)
+        self.pinned = torch.zeros(B, dtype=torch.long, pin_memory=True)
         self.done = torch.cuda.Event()
         self.B = B
 
-    def queue(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        finite = torch.isfinite(logits.sum(-1)).long()
-        self.pinned.copy_(torch.cat([tokens, finite]), non_blocking=True)
+    def queue(self, ids: torch.Tensor) -> None:
+        self.pinned.copy_(ids, non_blocking=True)
         self.done.record()
 
-    def wait(self) -> list[int] | None:
+    def wait(self) -> list[int]:
         self.done.synchronize()
-        both = self.pinned.tolist()
-        return both[: self.B] if all(both[self.B :]) else None
+        return self.pinned.tolist()
 
 
 class DecodeLoop:
@@ -62,20 +60,21 @@ class DecodeLoop:
     def __next__(self) -> tuple[list[int], torch.Tensor, State]:
         logits = self.logits
         with cpu_forward_threads(logits):  # no fight with BLAS's spinning threads
-            tokens = self.sampler.sample(logits)
+            tokens, checked = self.sampler.sample_checked(logits)
         if logits.device.type != "cuda":
-            ids = ids_if_finite(tokens, logits)
-            if ids is None:
+            ids = checked.tolist()
+            if min(ids) < 0:
                 raise non_finite_error(self.model.dtype)
             self.logits, self.state = self.model.step(tokens, self.state)
             return ids, self.logits, self.state
         if self.host is None or self.host.B != tokens.shape[0]:
             self.host = _HostIds(tokens.shape[0])
-        self.host.queue(tokens, logits)
+        self.host.queue(checked)
         # queued now, before the wait: the device runs this step while the host reads the ids
+        # (`tokens` are valid ids even for a non-finite row, so the queued step is harmless)
         next_logits, next_state = self.model.step(tokens, self.state)
         ids = self.host.wait()
-        if ids is None:
+        if min(ids) < 0:
             raise non_finite_error(self.model.dtype)
         self.logits, self.state = next_logits, next_state
         return ids, next_logits, next_state

@@ -69,12 +69,25 @@ def uncounted_tokens(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def ids_if_finite(tokens: torch.Tensor, logits: torch.Tensor) -> list[int] | None:
-    """Token ids [B] as host integers, read with the finiteness of each row of `logits` [B, V];
-    None when any logit is NaN or inf. (A GPU's decoding loop queues the same read: decoding.py.)"""
-    finite = torch.isfinite(logits.sum(-1)).long()
-    both = torch.cat([tokens, finite]).tolist()
-    return both[: len(tokens)] if all(both[len(tokens) :]) else None
+def checked_ids(logits: torch.Tensor, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a decoding step reads back: fp32 logits [B, V] and the drawn ids [B] (None: each
+    row's argmax) -> (tokens [B], ids [B]), where ids are the tokens with -1 for rows holding a
+    NaN or infinite logit. On a GPU with the fused kernels, one launch (kernels/sampling.cu);
+    otherwise `checked_ids_torch`, its twin."""
+    if logits.is_cuda and logits.dtype == torch.float32 and logits.is_contiguous():
+        from .cuda.loader import kernels_for
+
+        K = kernels_for(logits.device)
+        if K is not None:
+            from .cuda import kops
+
+            return kops.checked_ids(K, logits, sampled)
+    return checked_ids_torch(logits, sampled)
+
+
+def checked_ids_torch(logits: torch.Tensor, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = logits.argmax(-1) if sampled is None else sampled
+    return tokens, torch.where(torch.isfinite(logits).all(-1), tokens, -1)
 
 
 class Sampler:
@@ -165,6 +178,14 @@ class Sampler:
             rows = [] if last else [b for n, b in enumerate(rows) if not complete[n]]
         self.record(tokens)
         return tokens
+
+    def sample_checked(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample`, and the ids as `checked_ids` gives them to the host (-1: the row's logits
+        were not all finite). Greedy rows with nothing to penalise or ban take both from one
+        pass over the logits."""
+        if self.all_greedy and not self.penalizes and not self.bans and logits.shape[-1] == self.vocab_size:
+            return checked_ids(logits.float())
+        return checked_ids(logits.float(), self.sample(logits))
 
     def _truncate(self, sorted_p: torch.Tensor, rows: list[int], check_complete: bool = True):
         """sorted_p [R, K]: the K largest probabilities of each row, descending. Returns the kept

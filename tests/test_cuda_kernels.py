@@ -226,3 +226,27 @@ def test_wkv4_step_matches_twin(K, dtype):
     assert rel_err(out, ref[0]) <= HALF_TOL[dtype]
     for a, b in zip(new, ref[1:], strict=False):
         assert rel_err(a, b) <= 2e-5
+
+
+@pytest.mark.parametrize("V", [65536, 50277, 300])
+def test_checked_ids_matches_twin(K, V):
+    """Argmax (first of equal maxima) or the given ids, and -1 exactly for rows holding a NaN,
+    +inf or -inf anywhere: equal to the twin, row by row."""
+    from rwkv_cli.cuda import kops, twins
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = randn(7, V, gen=gen, scale=3)
+    logits[1, V // 3] = logits[1, V - 1] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2, 5] = float("nan")
+    logits[3, V - 1] = float("inf")
+    logits[4, 0] = float("-inf")
+    logits[5] = float("-inf")
+    logits[6, : V // 2] = float("nan")
+    tokens, ids = kops.checked_ids(K, logits)
+    ref_tokens, ref_ids = twins.checked_ids(logits)
+    assert ids.tolist() == ref_ids.tolist() and ids.tolist()[2:] == [-1] * 5
+    assert tokens[[0, 1]].tolist() == ref_tokens[[0, 1]].tolist() and tokens[1] == V // 3
+    assert ((tokens >= 0) & (tokens < V)).all()  # valid ids to feed the next step, whatever the row held
+    sampled = torch.arange(7, device="cuda") * 11
+    tokens, ids = kops.checked_ids(K, logits, sampled)
+    assert tokens is sampled and ids.tolist() == [0, 11, -1, -1, -1, -1, -1]

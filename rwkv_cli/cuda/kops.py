@@ -235,3 +235,15 @@ def wkv4_step(K, w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o):
     B, A = k.shape
     K.get(f"wkv4_step_{SUFFIX[r.dtype]}")(-(-B * A // 256), 256, w, u, *map(_c, (k, v, r, num, den, mx)), out,
                                           num_o, den_o, mx_o, B, A)
+
+
+def checked_ids(K, logits, sampled=None):
+    """Same as `twins.checked_ids`, in one launch: fp32 logits [B, V] -> (tokens [B], ids [B])."""
+    B, V = logits.shape
+    if logits.dtype != torch.float32:
+        raise ValueError("checked_ids reads fp32 logits")
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device) if sampled is None else sampled
+    ids = torch.empty(B, dtype=torch.long, device=logits.device)
+    K.get("checked_ids")(B, 1024, _c(logits), None if sampled is None else _c(sampled),
+                         None if sampled is not None else tokens, ids, V)
+    return tokens, ids

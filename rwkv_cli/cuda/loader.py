@@ -19,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-SOURCES = ("layernorm", "gemv", "rwkv7", "rwkv4")
+SOURCES = ("layernorm", "gemv", "rwkv7", "rwkv4", "sampling")
 HEADERS = ("common.cuh",)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math", "-DNDEBUG")
 
@@ -32,7 +32,9 @@ SIGNATURES = {
     "wkv7_seq": "pppppp" + "ppp" + "ii",
     "wkv4_seq": "ppppppppppp" + "iii",
     "wkv4_step": "pppppppppppp" + "ii",
+    "checked_ids": "pppp" + "i",
 }
+UNSUFFIXED = ("wkv7_seq", "wkv4_seq", "checked_ids")  # one variant, not one per activation dtype
 
 # Launched as programmatic dependents too (besides gemv): the decoding steps, which read only their
 # own state rows (written by an earlier decoding step, complete before this one began) and
@@ -276,7 +278,7 @@ class Kernels:
         import struct as _struct
 
         for family in SIGNATURES:
-            for suffix in ("f16", "bf16", "f32") if family not in ("wkv7_seq", "wkv4_seq") else ("",):
+            for suffix in ("f16", "bf16", "f32") if family not in UNSUFFIXED else ("",):
                 with torch_device(self.device_index):
                     self.get(f"{family}_{suffix}" if suffix else family)
         for dt in ("f16", "bf16"):
@@ -307,7 +309,7 @@ class Kernels:
         """A kernel by its full name, e.g. 'wkv7_step_f16' (signature from its family)."""
         if name not in self._funcs:
             family = next(f for f in sorted(SIGNATURES, key=len, reverse=True) if name.startswith(f))
-            module = {"ln": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4"}[family[:2]]
+            module = {"ln": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4", "ch": "sampling"}[family[:2]]
             func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
             self._allow_smem(func, name)
             self._funcs[name] = Kernel(self.driver, func, name, SIGNATURES[family],
