@@ -3,12 +3,14 @@
 Order per step, as in BlinkDL's `PIPELINE` (`rwkv-models.md` §16): banned tokens get -inf; each
 seen token n loses presence + count[n] * frequency; then softmax; top-p (ties at the cut-off
 survive), top-k and min-p truncation at temperature 1; temperature as p^(1/T) on what is left;
-one multinomial draw. Temperature 0 is greedy. After each draw every count decays by
+one draw from what is left (inverse transform sampling with a uniform number from the sequence's
+own seeded RNG). Temperature 0 is greedy. After each draw every count decays by
 `penalty_decay` and the drawn token's count grows by 1. Every parameter can differ per sequence.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -69,6 +71,12 @@ def uncounted_tokens(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def _host_to(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for it (pinned memory, asynchronous copy):
+    a plain copy to a GPU waits for all the work queued before it."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 def checked_ids(logits: torch.Tensor, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What a decoding step reads back: fp32 logits [B, V] and the drawn ids [B] (None: each
     row's argmax) -> (tokens [B], ids [B]), where ids are the tokens with -1 for rows holding a
@@ -110,7 +118,11 @@ class Sampler:
         for b, p in enumerate(self.params):
             ids = [t for t in p.ban_tokens if 0 <= t < vocab_size]
             self.ban[b, ids] = True
-        self.generators = [self._generator(p.seed, device) for p in self.params]
+        # temperatures as exponents 1/T (greedy rows: 1, unused); draws come from one host RNG per
+        # sequence (its seed), so a step's draws for every row reach the device in one copy
+        self.inv_temp = torch.tensor([1.0 / p.temperature if p.temperature else 1.0 for p in self.params],
+                                     device=device).view(B, 1)
+        self.rngs = [random.Random(p.seed) for p in self.params]  # seed None: from os.urandom
         self._flags()
 
     def _flags(self) -> None:
@@ -120,22 +132,13 @@ class Sampler:
         self.bans = any(p.ban_tokens for p in self.params)
         self.all_greedy = all(p.temperature == 0 for p in self.params)
 
-    @staticmethod
-    def _generator(seed: int | None, device) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
-        return gen
-
     def select(self, rows: list[int]) -> None:
         """Keep only these sequences (others finished), in this order."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.counts.device)
-        for name in ("top_p", "top_k", "min_p", "presence", "frequency", "decay", "counts", "seen", "ban"):
+        for name in ("top_p", "top_k", "min_p", "presence", "frequency", "decay", "counts", "seen", "ban", "inv_temp"):
             setattr(self, name, getattr(self, name)[idx])
         self.params = [self.params[i] for i in rows]
-        self.generators = [self.generators[i] for i in rows]
+        self.rngs = [self.rngs[i] for i in rows]
         self._flags()
 
     def penalized(self, logits: torch.Tensor) -> torch.Tensor:
@@ -148,36 +151,54 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Draw one token per sequence from logits [B, V]; updates the penalty counts. -> [B]
 
-        Which rows are greedy, and their temperatures, come from the host-side parameters, so a
-        GPU is never waited on before the draw itself."""
+        Every row is handled by the same batched operations (a fixed number of launches per step
+        on a GPU, whatever B), and nothing waits for a GPU: the draws are uniform numbers from each
+        sequence's host RNG, turned into tokens by inverse transform sampling on the device."""
         logits = self.penalized(logits)
         if self.all_greedy:  # softmax keeps the order: greedy rows take the argmax of the logits
             tokens = logits.argmax(-1)
             self.record(tokens)
             return tokens
+        B, dev = logits.shape[0], logits.device
+        sampled = [b for b, p in enumerate(self.params) if p.temperature != 0]
+        tokens = logits.argmax(-1) if len(sampled) < B else torch.empty(B, dtype=torch.long, device=dev)
         probs = torch.softmax(logits, -1)
-        tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-        greedy = [b for b, p in enumerate(self.params) if p.temperature == 0]
-        rows = [b for b, p in enumerate(self.params) if p.temperature != 0]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(-1)
+        u = _host_to(torch.tensor([self.rngs[b].random() for b in sampled], dtype=torch.float32), dev)
         # Truncation needs only the head of the sorted distribution. On the CPU, take the top
         # CANDIDATES first (a partial sort, ~25x cheaper than sorting 65k probabilities), widening
         # only for rows whose kept set might extend past them. A GPU sorts everything in one call.
-        tiers = (*CANDIDATES, probs.shape[-1]) if probs.device.type == "cpu" else (probs.shape[-1],)
+        V = probs.shape[-1]
+        tiers = (*CANDIDATES, V) if probs.device.type == "cpu" else (V,)
+        rows = None if len(sampled) == B else _host_to(torch.tensor(sampled), dev)  # rows to draw (None: all)
+        pos = torch.arange(len(sampled), device=dev)  # their places in `u`
         for k in tiers:
-            if not rows:
-                break
-            last = k >= probs.shape[-1]
-            top_p, top_i = probs[rows].topk(min(k, probs.shape[-1]), -1) if not last else probs[rows].sort(-1, descending=True)
+            last = k >= V
+            p = probs if rows is None else probs[rows]
+            top_p, top_i = p.sort(-1, descending=True) if last else p.topk(k, -1)
             kept, complete = self._truncate(top_p, rows, check_complete=not last)
-            for n, b in enumerate(rows):
-                if last or complete[n]:
-                    p = kept[n] ** (1.0 / self.params[b].temperature)  # temperature after truncation
-                    tokens[b] = top_i[n, torch.multinomial(p / p.sum(), 1, generator=self.generators[b])[0]]
-            rows = [] if last else [b for n, b in enumerate(rows) if not complete[n]]
+            done = slice(None) if last else torch.tensor(complete)  # the CPU's tiers only
+            inv_temp = self.inv_temp if rows is None else self.inv_temp[rows]
+            drawn = self._draw(kept[done], top_i[done], u[pos[done]], inv_temp[done])
+            if rows is None and last:
+                tokens = drawn
+            else:
+                tokens[(torch.arange(B) if rows is None else rows)[done]] = drawn
+            if last or bool(done.all()):
+                break
+            rows, pos = (torch.arange(B) if rows is None else rows)[~done], pos[~done]
         self.record(tokens)
         return tokens
+
+    @staticmethod
+    def _draw(kept: torch.Tensor, top_i: torch.Tensor, u: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:
+        """Inverse transform sampling: kept [R, K] truncated probabilities (descending, zeros past
+        the cut), top_i their token ids, u [R] uniform in [0, 1), inv_temp [R, 1] = 1/T applied
+        after truncation (p^(1/T)). -> token ids [R]"""
+        w = kept.pow(inv_temp)
+        cum = w.cumsum(-1)
+        at = torch.searchsorted(cum, u.view(-1, 1) * cum[:, -1:], right=True)
+        at = torch.minimum(at, (w > 0).sum(-1, keepdim=True) - 1)  # u * total rounded up to total
+        return top_i.gather(-1, at).view(-1)
 
     def sample_checked(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`sample`, and the ids as `checked_ids` gives them to the host (-1: the row's logits
@@ -187,21 +208,22 @@ class Sampler:
             return checked_ids(logits.float())
         return checked_ids(logits.float(), self.sample(logits))
 
-    def _truncate(self, sorted_p: torch.Tensor, rows: list[int], check_complete: bool = True):
-        """sorted_p [R, K]: the K largest probabilities of each row, descending. Returns the kept
-        probabilities (others zeroed) and, per row, whether the kept set surely lies within K
-        (None when not asked: the check waits for the device)."""
+    def _truncate(self, sorted_p: torch.Tensor, rows: torch.Tensor | None, check_complete: bool = True):
+        """sorted_p [R, K]: the K largest probabilities of rows `rows` (None: all), descending.
+        Returns the kept probabilities (others zeroed) and, per row, whether the kept set surely
+        lies within K (None when not asked: the check waits for the device)."""
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
         # top-p: the cut-off is the probability where the cumulative sum first reaches top_p
         cum = torch.cumsum(sorted_p, -1)
-        top_p = self.top_p[rows]
+        top_p = pick(self.top_p)
         first = torch.searchsorted(cum, top_p.clamp(max=1.0 - 1e-6).contiguous())
         cutoff = sorted_p.gather(-1, first.clamp(max=sorted_p.shape[-1] - 1))
         cutoff = torch.where(first >= sorted_p.shape[-1], 0.0, cutoff)  # not reached within K
         # top-k: the k-th largest probability (k = 0: no limit; k beyond K: unknown here)
-        top_k = self.top_k[rows]
+        top_k = pick(self.top_k)
         kth = sorted_p.gather(-1, (top_k.clamp(min=1) - 1).clamp(max=sorted_p.shape[-1] - 1))
         cutoff = torch.where((top_k > 0) & (top_k <= sorted_p.shape[-1]), torch.maximum(cutoff, kth), cutoff)
-        cutoff = torch.maximum(cutoff, self.min_p[rows] * sorted_p[:, :1])
+        cutoff = torch.maximum(cutoff, pick(self.min_p) * sorted_p[:, :1])
         # Every probability outside the K is <= the last one here: the set is complete when that
         # last one is already cut off (ties at the cut-off survive, so equality is not enough).
         complete = (sorted_p[:, -1:] < cutoff).view(-1).tolist() if check_complete else None

@@ -11,6 +11,7 @@ from rwkv_cli.sampling import Sampler, SamplingParams
 from rwkv_cli.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0, presence_penalty=0, frequency_penalty=0)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def probs_to_logits(p):
@@ -55,6 +56,36 @@ def test_per_row_parameters():
     logits = probs_to_logits([0.1, 0.6, 0.3]).repeat(2, 1)
     s = Sampler([SamplingParams(temperature=0), SamplingParams(temperature=0, ban_tokens=(1,))], 3)
     assert s.sample(logits).tolist() == [1, 2]
+
+
+def test_draws_follow_the_distribution_after_temperature():
+    """Inverse transform sampling: frequencies over 4,000 draws of one seeded sampler match p
+    (T = 1) and p^(1/T) renormalised (T = 2), within 4 standard deviations."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    for T in (1.0, 2.0):
+        s = Sampler([SamplingParams(temperature=T, top_p=1.0, presence_penalty=0, frequency_penalty=0, seed=7)], 4)
+        n = 4000
+        counts = torch.bincount(torch.cat([s.sample(probs.log().unsqueeze(0)) for _ in range(n)]), minlength=4)
+        want = probs ** (1 / T) / (probs ** (1 / T)).sum()
+        sigma = (want * (1 - want) / n).sqrt()
+        assert ((counts / n - want).abs() <= 4 * sigma).all(), (counts / n, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_rows_draw_as_they_would_alone(device):
+    """Each row of a batched sampler (greedy, nucleus, top-k, min-p, temperatures; rows whose kept
+    set exceeds the CPU's first candidate tiers) draws what a sampler of that row alone draws."""
+    V = 6000
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(0)) * torch.tensor([[3.0], [0.5], [0.01], [2.0], [1.0]])
+    logits = logits.to(device)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=1), SamplingParams(temperature=0, seed=2),
+              SamplingParams(temperature=1.3, top_p=0.99, seed=3),  # a nearly flat row: kept set > 4096
+              SamplingParams(temperature=1.0, top_p=1.0, top_k=5, seed=4), SamplingParams(temperature=1.0, min_p=0.2, seed=5)]
+    together = Sampler(params, V, device=device)
+    alone = [Sampler([p], V, device=device) for p in params]
+    for _ in range(5):
+        got = together.sample(logits).tolist()
+        assert got == [a.sample(logits[b : b + 1]).item() for b, a in enumerate(alone)]
 
 
 def test_invalid_parameters():
@@ -154,8 +185,6 @@ def test_non_finite_logits_stop_generation_with_an_error(world_model, world):
     with pytest.raises(NonFiniteError, match="non-finite"):
         gen.run()
 
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def stepwise_greedy(model, logits, state, n):
