@@ -77,15 +77,22 @@ def _host_to(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
 
 
+def _kernels(logits: torch.Tensor):
+    """The fused CUDA kernels for these logits' GPU, or None (CPU; kernels unavailable or off)."""
+    if not logits.is_cuda:
+        return None
+    from .cuda.loader import kernels_for
+
+    return kernels_for(logits.device)
+
+
 def checked_ids(logits: torch.Tensor, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What a decoding step reads back: fp32 logits [B, V] and the drawn ids [B] (None: each
     row's argmax) -> (tokens [B], ids [B]), where ids are the tokens with -1 for rows holding a
     NaN or infinite logit. On a GPU with the fused kernels, one launch (kernels/sampling.cu);
     otherwise `checked_ids_torch`, its twin."""
-    if logits.is_cuda and logits.dtype == torch.float32 and logits.is_contiguous():
-        from .cuda.loader import kernels_for
-
-        K = kernels_for(logits.device)
+    if logits.dtype == torch.float32 and logits.is_contiguous():
+        K = _kernels(logits)
         if K is not None:
             from .cuda import kops
 
@@ -118,9 +125,9 @@ class Sampler:
         for b, p in enumerate(self.params):
             ids = [t for t in p.ban_tokens if 0 <= t < vocab_size]
             self.ban[b, ids] = True
-        # temperatures as exponents 1/T (greedy rows: 1, unused); draws come from one host RNG per
+        # temperatures as exponents 1/T (greedy rows: 0); draws come from one host RNG per
         # sequence (its seed), so a step's draws for every row reach the device in one copy
-        self.inv_temp = torch.tensor([1.0 / p.temperature if p.temperature else 1.0 for p in self.params],
+        self.inv_temp = torch.tensor([1.0 / p.temperature if p.temperature else 0.0 for p in self.params],
                                      device=device).view(B, 1)
         self.rngs = [random.Random(p.seed) for p in self.params]  # seed None: from os.urandom
         self._flags()
@@ -154,11 +161,14 @@ class Sampler:
         Every row is handled by the same batched operations (a fixed number of launches per step
         on a GPU, whatever B), and nothing waits for a GPU: the draws are uniform numbers from each
         sequence's host RNG, turned into tokens by inverse transform sampling on the device."""
-        logits = self.penalized(logits)
         if self.all_greedy:  # softmax keeps the order: greedy rows take the argmax of the logits
-            tokens = logits.argmax(-1)
+            tokens = self.penalized(logits).argmax(-1)
             self.record(tokens)
             return tokens
+        K = _kernels(logits)
+        if K is not None:
+            return self._sample_fused(K, logits)
+        logits = self.penalized(logits)
         B, dev = logits.shape[0], logits.device
         sampled = [b for b, p in enumerate(self.params) if p.temperature != 0]
         tokens = logits.argmax(-1) if len(sampled) < B else torch.empty(B, dtype=torch.long, device=dev)
@@ -188,6 +198,22 @@ class Sampler:
             rows, pos = (torch.arange(B) if rows is None else rows)[~done], pos[~done]
         self.record(tokens)
         return tokens
+
+    def _sample_fused(self, K, logits: torch.Tensor) -> torch.Tensor:
+        """`sample` through kernels/sampling.cu: penalties + softmax, one sort, then truncation,
+        temperature, the draw and the count update in one launch (about 12 launches a step in all,
+        for any B, instead of about 50)."""
+        from .cuda import kops
+
+        logits = logits[:, : self.vocab_size].float().contiguous()
+        u = _host_to(torch.tensor([r.random() if p.temperature else 0.0 for r, p in zip(self.rngs, self.params, strict=True)],
+                                  dtype=torch.float32), logits.device)
+        counts, seen = (self.counts, self.seen) if self.penalizes else (None, None)
+        probs, argmax = kops.penalized_softmax(K, logits, counts, seen, self.ban if self.bans else None,
+                                               self.presence, self.frequency)
+        sorted_p, sorted_i = probs.sort(-1, descending=True)
+        return kops.nucleus_draw(K, sorted_p, sorted_i, self.top_p, self.top_k, self.min_p, self.inv_temp, u, argmax,
+                                 counts, seen, self.weight, self.decay)
 
     @staticmethod
     def _draw(kept: torch.Tensor, top_i: torch.Tensor, u: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:

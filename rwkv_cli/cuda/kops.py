@@ -247,3 +247,24 @@ def checked_ids(K, logits, sampled=None):
     K.get("checked_ids")(B, 1024, _c(logits), None if sampled is None else _c(sampled),
                          None if sampled is not None else tokens, ids, V)
     return tokens, ids
+
+
+def penalized_softmax(K, logits, counts, seen, ban, presence, frequency):
+    """Sampler.penalized + softmax in one launch: fp32 logits [B, V] -> (probs [B, V], argmax [B]
+    of the penalised logits). counts/seen None: no penalties; ban None: no bans."""
+    B, V = logits.shape
+    probs = torch.empty_like(logits)
+    argmax = torch.empty(B, dtype=torch.long, device=logits.device)
+    K.get("penalized_softmax")(B, 1024, _c(logits), counts, seen, ban, presence, frequency, probs, argmax, V)
+    return probs, argmax
+
+
+def nucleus_draw(K, sorted_p, sorted_i, top_p, top_k, min_p, inv_temp, u, argmax, counts, seen, weight, decay):
+    """Truncation, temperature and the draw on probabilities sorted descending [B, V] (with their
+    ids), as Sampler._truncate + Sampler._draw; rows with inv_temp 0 take `argmax`. Updates
+    counts/seen as Sampler.record when counts is given. -> tokens [B]"""
+    B, V = sorted_p.shape
+    tokens = torch.empty(B, dtype=torch.long, device=sorted_p.device)
+    K.get("nucleus_draw")(B, 1024, *map(_c, (sorted_p, sorted_i, top_p, top_k, min_p, inv_temp, u, argmax)),
+                          counts, seen, weight, decay, tokens, V)
+    return tokens

@@ -33,8 +33,12 @@ SIGNATURES = {
     "wkv4_seq": "ppppppppppp" + "iii",
     "wkv4_step": "pppppppppppp" + "ii",
     "checked_ids": "pppp" + "i",
+    "penalized_softmax": "pppppppp" + "i",
+    "nucleus_draw": "ppppppppppppp" + "i",
 }
-UNSUFFIXED = ("wkv7_seq", "wkv4_seq", "checked_ids")  # one variant, not one per activation dtype
+SAMPLING_FAMILIES = ("checked_ids", "penalized_softmax", "nucleus_draw")  # kernels/sampling.cu
+# one variant, not one per activation dtype
+UNSUFFIXED = ("wkv7_seq", "wkv4_seq", *SAMPLING_FAMILIES)
 
 # Launched as programmatic dependents too (besides gemv): the decoding steps, which read only their
 # own state rows (written by an earlier decoding step, complete before this one began) and
@@ -309,7 +313,8 @@ class Kernels:
         """A kernel by its full name, e.g. 'wkv7_step_f16' (signature from its family)."""
         if name not in self._funcs:
             family = next(f for f in sorted(SIGNATURES, key=len, reverse=True) if name.startswith(f))
-            module = {"ln": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4", "ch": "sampling"}[family[:2]]
+            module = "sampling" if family in SAMPLING_FAMILIES else \
+                {"ln": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4"}[family[:2]]
             func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
             self._allow_smem(func, name)
             self._funcs[name] = Kernel(self.driver, func, name, SIGNATURES[family],
