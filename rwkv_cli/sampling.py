@@ -179,23 +179,20 @@ class Sampler:
         # only for rows whose kept set might extend past them. A GPU sorts everything in one call.
         V = probs.shape[-1]
         tiers = (*CANDIDATES, V) if probs.device.type == "cpu" else (V,)
-        rows = None if len(sampled) == B else _host_to(torch.tensor(sampled), dev)  # rows to draw (None: all)
+        rows = _host_to(torch.tensor(sampled), dev)  # rows still to draw
         pos = torch.arange(len(sampled), device=dev)  # their places in `u`
+        every = len(sampled) == B  # rows are all rows: no gathers
         for k in tiers:
             last = k >= V
-            p = probs if rows is None else probs[rows]
+            p = probs if every else probs[rows]
             top_p, top_i = p.sort(-1, descending=True) if last else p.topk(k, -1)
-            kept, complete = self._truncate(top_p, rows, check_complete=not last)
+            kept, complete = self._truncate(top_p, None if every else rows, check_complete=not last)
             done = slice(None) if last else torch.tensor(complete)  # the CPU's tiers only
-            inv_temp = self.inv_temp if rows is None else self.inv_temp[rows]
-            drawn = self._draw(kept[done], top_i[done], u[pos[done]], inv_temp[done])
-            if rows is None and last:
-                tokens = drawn
-            else:
-                tokens[(torch.arange(B) if rows is None else rows)[done]] = drawn
+            inv_temp = self.inv_temp if every else self.inv_temp[rows]
+            tokens[rows[done]] = self._draw(kept[done], top_i[done], u[pos[done]], inv_temp[done])
             if last or bool(done.all()):
                 break
-            rows, pos = (torch.arange(B) if rows is None else rows)[~done], pos[~done]
+            rows, pos, every = rows[~done], pos[~done], False
         self.record(tokens)
         return tokens
 
