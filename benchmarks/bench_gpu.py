@@ -317,6 +317,25 @@ def run_kernels(args) -> None:
     row("wkv7_step: steps 3-12 fused, B=1", time_cuda(lambda: kops.wkv7_step(K, *args7, Sd, Sd, out)),
         time_cuda(lambda: twins.wkv7_step(*vecs[:6], vecs[6], vecs[7], p["w0"], p["a0"], p["v0"], p["k_k"], p["k_a"],
                                           rk, lnw, lnb, Sd)), Sd.numel() * 8)
+    # a decoding step's read-back and sampling (kernels/sampling.cu), V = 65536, default parameters
+    from rwkv_cli.sampling import GENERATE_DEFAULTS, Sampler, SamplingParams, checked_ids_torch
+
+    V = 65536
+    for B in (1, 64):
+        s = Sampler([SamplingParams(**GENERATE_DEFAULTS)] * B, V, device="cuda")
+        s.record(torch.randint(0, V, (B,), device="cuda", generator=gen))
+        logits = torch.randn(B, V, device="cuda", generator=gen) * 3
+        row(f"checked_ids: argmax + finiteness, B={B}", time_cuda(lambda: kops.checked_ids(K, logits)),
+            time_cuda(lambda: checked_ids_torch(logits)), logits.numel() * 4)
+        row(f"penalized_softmax: penalties + softmax + argmax, B={B}",
+            time_cuda(lambda: kops.penalized_softmax(K, logits, s.counts, s.seen, None, s.presence, s.frequency)),
+            time_cuda(lambda: (lambda pen: (torch.softmax(pen, -1), pen.argmax(-1)))(s.penalized(logits))))
+        sp, si = torch.softmax(logits, -1).sort(-1, descending=True)
+        u = torch.rand(B, device="cuda", generator=gen)
+        row(f"nucleus_draw: top-p cut + temperature + draw, B={B}",
+            time_cuda(lambda: kops.nucleus_draw(K, sp, si, s.top_p, s.top_k, s.min_p, s.inv_temp, u, u.long(),
+                                                None, None, s.weight, s.decay)),
+            time_cuda(lambda: s._draw(s._truncate(sp, None, check_complete=False)[0], si, u, s.inv_temp)))
     print(f"\n{torch.cuda.get_device_name()}, fp16, {datetime.date.today()}\n")
     print("| kernel | ours us | torch twin us | speed-up | bandwidth |")
     print("|---|---:|---:|---:|---|")
