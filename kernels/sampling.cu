@@ -77,33 +77,6 @@ extern "C" __global__ void __launch_bounds__(1024) checked_ids(
 // grid B blocks of SAMPLE_THREADS threads; block = one row.
 #define SAMPLE_THREADS 1024
 
-// Exclusive prefix sum of one value per thread over the block (SAMPLE_THREADS threads); `total`
-// gets the sum of all. `scratch` holds 32 floats. Contains __syncthreads.
-__device__ __forceinline__ float block_exclusive_scan(float v, float* scratch, float& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const float y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    __syncthreads();  // scratch may still be read by a previous call
-    if (lane == 31) scratch[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-        float t = scratch[lane];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const float y = __shfl_up_sync(0xffffffffu, t, o);
-            if (lane >= o) t += y;
-        }
-        scratch[lane] = t;  // inclusive over warps
-    }
-    __syncthreads();
-    total = scratch[31];
-    return (warp ? scratch[warp - 1] : 0.f) + x - v;
-}
-
 extern "C" __global__ void __launch_bounds__(1024) penalized_softmax(
     const float* __restrict__ logits, const float* __restrict__ counts, const unsigned char* __restrict__ seen,
     const unsigned char* __restrict__ ban, const float* __restrict__ presence, const float* __restrict__ frequency,
@@ -115,6 +88,7 @@ extern "C" __global__ void __launch_bounds__(1024) penalized_softmax(
     const float pres = counts ? presence[b] : 0.f, freq = counts ? frequency[b] : 0.f;
     float bv = -__int_as_float(0x7f800000);
     int bi = 0;
+#pragma unroll 8
     for (int i = tid; i < V; i += SAMPLE_THREADS) {
         float x = logits[row + i];
         if (counts && seen[row + i]) x -= pres + counts[row + i] * freq;
@@ -141,12 +115,14 @@ extern "C" __global__ void __launch_bounds__(1024) penalized_softmax(
     }
     if (tid == 0) argmax[b] = bi;
     float sum = 0.f;
+#pragma unroll 8
     for (int i = tid; i < V; i += SAMPLE_THREADS) {
         const float e = expf(probs[row + i] - bv);
         probs[row + i] = e;
         sum += e;
     }
     const float inv = 1.f / block_sum(sum, scratch);
+#pragma unroll 8
     for (int i = tid; i < V; i += SAMPLE_THREADS) probs[row + i] *= inv;
 }
 
@@ -156,58 +132,105 @@ extern "C" __global__ void __launch_bounds__(1024) nucleus_draw(
     const float* __restrict__ u, const long long* __restrict__ argmax, float* __restrict__ counts,
     unsigned char* __restrict__ seen, const float* __restrict__ weight, const float* __restrict__ decay,
     long long* __restrict__ tokens, int V) {
-    __shared__ float scratch[32];
+    __shared__ float wsum[32];
     __shared__ int first_at, kept_end, draw_at, positive_end;
-    const int b = blockIdx.x, tid = threadIdx.x;
+    const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const unsigned all = 0xffffffffu;
     const float* p = sorted_p + (size_t)b * V;
-    const int E = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS, lo = min(tid * E, V), hi = min(lo + E, V);
+    // Warp w owns the sorted positions [lo, hi) and walks them 32 at a time, lanes side by side.
+    const int CH = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS * 32, lo = min(warp * CH, V), hi = min(lo + CH, V);
     if (tid == 0) first_at = kept_end = draw_at = positive_end = V;
-    // top-p: the first position whose cumulative probability reaches top_p
-    float seg = 0.f, total;
-    for (int i = lo; i < hi; ++i) seg += p[i];
-    const float before = block_exclusive_scan(seg, scratch, total);  // syncs: the V's above are set
-    const float tp = fminf(top_p[b], 1.f - 1e-6f);
-    if (before + seg >= tp) {  // cum is monotone: the crossing lies in or before this segment
-        float c = before;
-        for (int i = lo; i < hi; ++i) {
-            c += p[i];
-            if (c >= tp) { atomicMin(&first_at, i); break; }
+
+    float cutoff = 0.f;  // set below, before any use
+    int kend = V;
+    const float it = inv_temp[b];
+    // what is summed: the probability, or (weighted) p^(1/T) on the kept prefix
+    auto val = [&](int i, bool weighted) { return !weighted ? p[i] : it == 1.f ? p[i] : powf(p[i], it); };
+    // the sum over this warp's positions below `end`
+    auto chunk_sum = [&](bool weighted, int end) {
+        float s = 0.f;
+        const int e = min(hi, end);
+#pragma unroll 8
+        for (int i = lo + lane; i < e; i += 32) s += val(i, weighted);
+        return warp_sum(s);
+    };
+    // the sum over the earlier warps (added in warp order, so warp w + 1's is warp w's plus its
+    // own exactly), and over all of them into `total`. Contains __syncthreads.
+    auto earlier = [&](float mine, float& total) {
+        __syncthreads();  // wsum may still be read
+        if (lane == 0) wsum[warp] = mine;
+        __syncthreads();
+        float before = 0.f, sum = 0.f;
+        for (int w = 0; w < 32; ++w) {
+            if (w == warp) before = sum;
+            sum += wsum[w];
         }
-    }
+        total = sum;
+        return before;
+    };
+    // the first position below `end` where start + the running sum reaches goal (passes it when
+    // strict), into *out; the earliest warp wins. Call warp-uniformly.
+    auto find = [&](bool weighted, int end, float start, float goal, bool strict, int* out) {
+        const int e = min(hi, end);
+        float run = start;
+        for (int base = lo; base < e; base += 32) {
+            const int i = base + lane;
+            float c = i < e ? val(i, weighted) : 0.f;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float y = __shfl_up_sync(all, c, o);
+                if (lane >= o) c += y;
+            }
+            c += run;
+            const unsigned hit = __ballot_sync(all, i < e && (strict ? c > goal : c >= goal));
+            if (hit) {
+                if (lane == 0) atomicMin(out, base + __ffs(hit) - 1);
+                return;
+            }
+            run = __shfl_sync(all, c, 31);
+        }
+    };
+    // past the kept prefix (weighted: or a zero weight); monotone in i, the order being descending
+    auto beyond = [&](int i, bool weighted) { return weighted ? i >= kend || !(val(i, true) > 0.f) : p[i] < cutoff; };
+    // the first position where `beyond` holds, into *out
+    auto first_beyond = [&](bool weighted, int* out) {
+        if (hi <= lo || !beyond(hi - 1, weighted)) return;  // warp-uniform
+        for (int base = lo; base < hi; base += 32) {
+            const unsigned hit = __ballot_sync(all, base + lane < hi && beyond(base + lane, weighted));
+            if (hit) {
+                if (lane == 0) atomicMin(out, base + __ffs(hit) - 1);
+                return;
+            }
+        }
+    };
+
+    // top-p: the first position whose cumulative probability reaches top_p; its probability is
+    // the cut-off (ties with it survive)
+    float total;
+    const float tp = fminf(top_p[b], 1.f - 1e-6f);
+    const float mine = chunk_sum(false, V);
+    const float before = earlier(mine, total);  // syncs: the V's above are set
+    if (before + mine >= tp) find(false, V, before, tp, false, &first_at);
     __syncthreads();
-    float cutoff = first_at < V ? p[first_at] : 0.f;
+    cutoff = first_at < V ? p[first_at] : 0.f;
     const long long k = top_k[b];
     if (k > 0 && k <= V) cutoff = fmaxf(cutoff, p[k - 1]);
     cutoff = fmaxf(cutoff, min_p[b] * p[0]);
-    // kept: the prefix of probabilities >= cutoff; w = p^(1/T) there
-    if (hi > lo && p[hi - 1] < cutoff) {
-        for (int i = lo; i < hi; ++i)
-            if (p[i] < cutoff) { atomicMin(&kept_end, i); break; }
-    }
-    const float it = inv_temp[b];
+    // kept: the prefix of probabilities >= cutoff; the draw over p^(1/T) there
+    first_beyond(false, &kept_end);
     __syncthreads();
-    const int kend = kept_end;
-    auto weight_at = [&](int i) { return i < kend ? (it == 1.f ? p[i] : powf(p[i], it)) : 0.f; };
-    seg = 0.f;
-    for (int i = lo; i < hi; ++i) seg += weight_at(i);
-    const float wbefore = block_exclusive_scan(seg, scratch, total);
+    kend = kept_end;
+    const float wmine = chunk_sum(true, kend);
+    const float wbefore = earlier(wmine, total);
     const float target = u[b] * total;
-    if (wbefore + seg > target) {
-        float c = wbefore;
-        for (int i = lo; i < hi; ++i) {
-            c += weight_at(i);
-            if (c > target) { atomicMin(&draw_at, i); break; }
-        }
-    }
-    if (hi > lo && !(weight_at(hi - 1) > 0.f)) {
-        for (int i = lo; i < hi; ++i)
-            if (!(weight_at(i) > 0.f)) { atomicMin(&positive_end, i); break; }
-    }
+    if (lo < kend && wbefore + wmine > target) find(true, kend, wbefore, target, true, &draw_at);
+    first_beyond(true, &positive_end);
     __syncthreads();
     const long long token = it == 0.f ? argmax[b] : sorted_i[(size_t)b * V + max(0, min(draw_at, positive_end - 1))];
     if (counts) {  // decay every count, then count the token
         float* cb = counts + (size_t)b * V;
         const float d = decay[b];
+#pragma unroll 8
         for (int i = tid; i < V; i += SAMPLE_THREADS) cb[i] *= d;
         __syncthreads();
         if (tid == 0) {
