@@ -17,9 +17,29 @@ __device__ __forceinline__ bool finite_f32(float x) {  // a bit test: immune to 
     return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
 }
 
-// (value, index) a is better than b: larger, or equal and earlier
+// (value, index) a is better than b: NaN first (as torch.argmax), then larger, then earlier
 __device__ __forceinline__ bool better(float va, int ia, float vb, int ib) {
-    return va > vb || (va == vb && ia < ib);
+    const bool na = va != va, nb = vb != vb;
+    return (na && !nb) || (na == nb && (va > vb || (va == vb && ia < ib)));
+}
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (better(ov, oi, v, i)) { v = ov; i = oi; }
+    }
+}
+// The best (value, index) over a block of 1024 threads, into every thread; best_v, best_i hold 32
+// entries each. Contains __syncthreads.
+__device__ __forceinline__ void block_argmax(float& v, int& i, float* best_v, int* best_i) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    warp_argmax(v, i);
+    __syncthreads();  // best_v, best_i may still be read
+    if (lane == 0) { best_v[warp] = v; best_i[warp] = i; }
+    __syncthreads();
+    v = best_v[lane]; i = best_i[lane];
+    warp_argmax(v, i);
 }
 
 // grid: B blocks of IDS_THREADS threads; block = one row.
@@ -39,29 +59,15 @@ extern "C" __global__ void __launch_bounds__(1024) checked_ids(
         ok &= finite_f32(x);
         if (x > bv) { bv = x; bi = i; }  // i grows: the first of equal values stays
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-    }
     ok = __all_sync(0xffffffffu, ok);
-    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; all_finite[warp] = ok; }
-    __syncthreads();
-    if (warp == 0) {
-        bv = best_v[lane]; bi = best_i[lane]; ok = all_finite[lane];  // IDS_THREADS / 32 == 32 warps
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-        }
-        ok = __all_sync(0xffffffffu, ok);
-        if (lane == 0) {
-            const long long token = sampled ? sampled[b] : (long long)bi;
-            if (tokens_out) tokens_out[b] = token;
-            ids_out[b] = ok ? token : -1;
-        }
+    if (lane == 0) all_finite[warp] = ok;
+    block_argmax(bv, bi, best_v, best_i);  // syncs: all_finite is complete
+    if (tid == 0) {
+        ok = true;
+        for (int w = 0; w < 32; ++w) ok &= all_finite[w] != 0;  // IDS_THREADS / 32 == 32 warps
+        const long long token = sampled ? sampled[b] : (long long)bi;
+        if (tokens_out) tokens_out[b] = token;
+        ids_out[b] = ok ? token : -1;
     }
 }
 
@@ -96,23 +102,7 @@ extern "C" __global__ void __launch_bounds__(1024) penalized_softmax(
         probs[row + i] = x;  // the penalised logit, until the exponentials below
         if (x > bv || (x != x && bv == bv)) { bv = x; bi = i; }  // NaN wins, as in torch.argmax
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        const bool o_nan = ov != ov, nan = bv != bv;
-        if ((o_nan && !nan) || (o_nan == nan && (ov > bv || (ov == bv && oi < bi)))) { bv = ov; bi = oi; }
-    }
-    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
-    __syncthreads();
-    bv = best_v[lane]; bi = best_i[lane];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        const bool o_nan = ov != ov, nan = bv != bv;
-        if ((o_nan && !nan) || (o_nan == nan && (ov > bv || (ov == bv && oi < bi)))) { bv = ov; bi = oi; }
-    }
+    block_argmax(bv, bi, best_v, best_i);
     if (tid == 0) argmax[b] = bi;
     float sum = 0.f;
 #pragma unroll 8

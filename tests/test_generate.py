@@ -186,7 +186,6 @@ def test_non_finite_logits_stop_generation_with_an_error(world_model, world):
         gen.run()
 
 
-
 def stepwise_greedy(model, logits, state, n):
     """The plain loop DecodeLoop must equal: argmax on the host, then the next step."""
     out = []

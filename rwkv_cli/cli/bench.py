@@ -3,8 +3,8 @@
 For each batch size B: `ppP` times one forward over B prompts of P tokens from a zero state;
 `tgN` times N single-token steps of B sequences (greedy, through the decoding loop that `rwkv
 generate` uses, after warm-up steps, so CUDA graphs and kernels are built before the clock
-starts). Each test runs `--repetitions` times; the table shows the mean and the spread. Memory: the GPU's peak allocated bytes (weights included), or the
-process's peak resident size on the CPU.
+starts). Each test runs `--repetitions` times; the table shows the mean and the spread. Memory:
+the GPU's peak allocated bytes (weights included), or the process's peak resident size on the CPU.
 """
 
 from __future__ import annotations
