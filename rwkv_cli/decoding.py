@@ -29,16 +29,22 @@ from .state import State
 
 class _HostIds:
     """Checked ids [B] (`sampling.checked_ids`: -1 where a row's logits were not finite), copied
-    to pinned host memory behind the device's queue; `wait` returns them as ints."""
+    to pinned host memory on a stream of their own (the copy engine's work stays off the compute
+    stream's path to the next step); `wait` returns them as ints."""
 
     def __init__(self, B: int):
         self.pinned = torch.zeros(B, dtype=torch.long, pin_memory=True)
-        self.done = torch.cuda.Event()
+        self.stream = torch.cuda.Stream()
+        self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()
         self.B = B
 
     def queue(self, ids: torch.Tensor) -> None:
-        self.pinned.copy_(ids, non_blocking=True)
-        self.done.record()
+        self.ready.record()  # the ids are computed once the work queued so far has run
+        self.stream.wait_event(self.ready)
+        with torch.cuda.stream(self.stream):
+            self.pinned.copy_(ids, non_blocking=True)
+            self.done.record()
+        ids.record_stream(self.stream)  # the allocator must not hand out its memory before the copy
 
     def wait(self) -> list[int]:
         self.done.synchronize()
@@ -60,7 +66,8 @@ class DecodeLoop:
     def __next__(self) -> tuple[list[int], torch.Tensor, State]:
         logits = self.logits
         with cpu_forward_threads(logits):  # no fight with BLAS's spinning threads
-            tokens, checked = self.sampler.sample_checked(logits)
+            # on a GPU the tokens go straight into the buffer the next step reads
+            tokens, checked = self.sampler.sample_checked(logits, self.model.step_input(logits.shape[0]))
         if logits.device.type != "cuda":
             ids = checked.tolist()
             if min(ids) < 0:

@@ -104,6 +104,14 @@ class Model:
                 raise non_finite_error(self.dtype)
         return logits, state
 
+    def step_input(self, batch_size: int) -> torch.Tensor | None:
+        """On a GPU, the buffer [B] that a decoding step of B sequences reads its ids from (its
+        CUDA graph's input): a sampler that writes its ids there saves a copy per step. None on
+        the CPU."""
+        if self.device.type != "cuda":
+            return None
+        return self.net._graph_step(batch_size).tokens
+
     def step(self, tokens: torch.Tensor, state: State):
         """One decoding step for ids [B] that a Sampler drew (in range by construction, possibly
         still being computed on the device): no checks, so nothing waits for the device. Returns

@@ -86,22 +86,25 @@ def _kernels(logits: torch.Tensor):
     return kernels_for(logits.device)
 
 
-def checked_ids(logits: torch.Tensor, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def checked_ids(logits: torch.Tensor, sampled: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """What a decoding step reads back: fp32 logits [B, V] and the drawn ids [B] (None: each
     row's argmax) -> (tokens [B], ids [B]), where ids are the tokens with -1 for rows holding a
-    NaN or infinite logit. On a GPU with the fused kernels, one launch (kernels/sampling.cu);
-    otherwise `checked_ids_torch`, its twin."""
+    NaN or infinite logit; with `out`, the tokens are written there (and returned as it). On a
+    GPU with the fused kernels, one launch (kernels/sampling.cu); otherwise `checked_ids_torch`,
+    its twin."""
     if logits.dtype == torch.float32 and logits.is_contiguous():
         K = _kernels(logits)
         if K is not None:
             from .cuda import kops
 
-            return kops.checked_ids(K, logits, sampled)
-    return checked_ids_torch(logits, sampled)
+            return kops.checked_ids(K, logits, sampled, out)
+    return checked_ids_torch(logits, sampled, out)
 
 
-def checked_ids_torch(logits: torch.Tensor, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def checked_ids_torch(logits: torch.Tensor, sampled: torch.Tensor | None = None, out: torch.Tensor | None = None):
     tokens = logits.argmax(-1) if sampled is None else sampled
+    if out is not None:
+        tokens = out.copy_(tokens)
     return tokens, torch.where(torch.isfinite(logits).all(-1), tokens, -1)
 
 
@@ -223,13 +226,13 @@ class Sampler:
         at = torch.minimum(at, (w > 0).sum(-1, keepdim=True) - 1)  # u * total rounded up to total
         return top_i.gather(-1, at).view(-1)
 
-    def sample_checked(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_checked(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`sample`, and the ids as `checked_ids` gives them to the host (-1: the row's logits
-        were not all finite). Greedy rows with nothing to penalise or ban take both from one
-        pass over the logits."""
+        were not all finite); the tokens go into `out` when given (`Model.step_input`). Greedy
+        rows with nothing to penalise or ban take both from one pass over the logits."""
         if self.all_greedy and not self.penalizes and not self.bans and logits.shape[-1] == self.vocab_size:
-            return checked_ids(logits.float())
-        return checked_ids(logits.float(), self.sample(logits))
+            return checked_ids(logits.float(), out=out)
+        return checked_ids(logits.float(), self.sample(logits), out)
 
     def _truncate(self, sorted_p: torch.Tensor, rows: torch.Tensor | None, check_complete: bool = True):
         """sorted_p [R, K]: the K largest probabilities of rows `rows` (None: all), descending.

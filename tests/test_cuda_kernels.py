@@ -250,6 +250,11 @@ def test_checked_ids_matches_twin(K, V):
     sampled = torch.arange(7, device="cuda") * 11
     tokens, ids = kops.checked_ids(K, logits, sampled)
     assert tokens is sampled and ids.tolist() == [0, 11, -1, -1, -1, -1, -1]
+    out = torch.full((7,), -5, device="cuda")  # a decoding step's input buffer
+    for given in (None, sampled):
+        tokens, ids = kops.checked_ids(K, logits, given, out)
+        want = ref_tokens if given is None else sampled
+        assert tokens is out and out[[0, 1]].tolist() == want[[0, 1]].tolist() and ids.tolist()[2:] == [-1] * 5
 
 
 def test_sampling_kernels_match_the_sampler_twin(K):

@@ -225,6 +225,8 @@ class GraphStep:
 
     def _set_tokens(self, tokens: torch.Tensor) -> None:
         tokens = tokens.reshape(-1)
+        if tokens.data_ptr() == self.tokens.data_ptr():
+            return  # written in place by the sampler (`Model.step_input`)
         if tokens.device != self.tokens.device:
             self.tokens_copied.synchronize()
             self.tokens_host.copy_(tokens)

@@ -237,15 +237,17 @@ def wkv4_step(K, w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o):
                                           num_o, den_o, mx_o, B, A)
 
 
-def checked_ids(K, logits, sampled=None):
-    """Same as `twins.checked_ids`, in one launch: fp32 logits [B, V] -> (tokens [B], ids [B])."""
+def checked_ids(K, logits, sampled=None, out=None):
+    """Same as `twins.checked_ids`, in one launch: fp32 logits [B, V] -> (tokens [B], ids [B]);
+    the tokens (the argmax, or `sampled`) are written into `out` when given."""
     B, V = logits.shape
     if logits.dtype != torch.float32:
         raise ValueError("checked_ids reads fp32 logits")
-    tokens = torch.empty(B, dtype=torch.long, device=logits.device) if sampled is None else sampled
+    tokens = out if out is not None else sampled if sampled is not None else \
+        torch.empty(B, dtype=torch.long, device=logits.device)
     ids = torch.empty(B, dtype=torch.long, device=logits.device)
     K.get("checked_ids")(B, 1024, _c(logits), None if sampled is None else _c(sampled),
-                         None if sampled is not None else tokens, ids, V)
+                         None if tokens is sampled else _c(tokens), ids, V)
     return tokens, ids
 
 
