@@ -40,6 +40,7 @@ def time_engine(forward, first_logits, n_decode: int, n_warmup: int, prompt: lis
 
 
 def worker(args) -> None:
+    import rwkv_cli  # noqa: F401 - first, as in the `rwkv` command: its OpenBLAS default precedes NumPy's loading
     import torch
     from rwkv.model import RWKV  # the reference (class chosen by RWKV_V7_ON)
 

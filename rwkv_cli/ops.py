@@ -84,10 +84,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if _prompts_onednn():
-            if x2.shape[0] > 1 and w.is_contiguous():  # one row (a prompt's head product): MKL does as well
-                return _onednn_linear()(x2, w, None, "none", [], "").view(*x.shape[:-1], w.shape[0])
-            return F.linear(x, w)
+        if _prompts_onednn() and x2.shape[0] > 1 and w.is_contiguous():
+            return _onednn_linear()(x2, w, None, "none", [], "").view(*x.shape[:-1], w.shape[0])
+        # one row (a prompt's head product): a matrix-vector product, where OpenBLAS streams the
+        # weights about twice as fast as torch (65536 x 768: 8-9 ms against 17 ms here)
         y = _np.matmul(x2.numpy(), w.numpy().T)
         return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
