@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import NonFiniteError, RWKVError
 from .models import model_class
-from .ops import cpu_forward_threads
+from .ops import cpu_forward_threads, keep_freed_memory
 from .state import State
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -156,6 +156,8 @@ def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dev.type == "cpu":
+        keep_freed_memory()  # before the weights' copies: CPU prompts allocate large temporaries
     cfg, tensors = load_checkpoint(path)
     net = model_class(cfg.version)(cfg, tensors, dt, dev)
     return Model(cfg, net, Path(path), time.perf_counter() - t0, weights_fingerprint(cfg, tensors))

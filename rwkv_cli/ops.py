@@ -110,6 +110,27 @@ def batched_matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (m @ x.unsqueeze(-1)).squeeze(-1)
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse (Linux; a no-op elsewhere). By default it serves
+    allocations above a dynamic threshold (128 KB to 32 MB) with fresh mappings and returns freed
+    heap tops to the OS, so a prompt's temporaries (the six token-shift mixes of a 256-token
+    chunk: 4.7 MB, every layer) page-fault on every touch. Below 256 MB from the heap, and up to
+    512 MB kept free: v7 0.1B 256-token prefill +6% on average over six alternating processes
+    (690-779 -> 778-797 tok/s), v4 neutral. Costs resident memory (freed blocks stay mapped)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 512 << 20))
+
+
 def cpu_forward_threads(x: torch.Tensor, prompt: bool = False):
     """A context that runs torch single-threaded around work next to NumPy BLAS calls: a decoding
     step and the sampling right after it, and prompts whose products NumPy forms ("numpy-blas").
