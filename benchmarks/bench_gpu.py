@@ -42,21 +42,13 @@ def sync():
     torch.cuda.synchronize()
 
 
-def greedy_id(logits) -> int:
-    """The reference's loop: the argmax read back on the host."""
-    return int(logits.argmax())
-
-
 def time_decode_ours(model, B: int, n_warmup: int, n: int) -> float:
     """Ours, as `rwkv generate` decodes: greedy through the Sampler and the DecodeLoop (the next
     step queued before the ids are read back, with the logits' finiteness in the same transfer).
     Returns aggregate tok/s over B sequences."""
     from rwkv_cli.decoding import DecodeLoop
-    from rwkv_cli.sampling import Sampler, SamplingParams
 
-    greedy = SamplingParams(temperature=0, presence_penalty=0, frequency_penalty=0)
-    logits, state = model.forward([[0]] * B)
-    loop = DecodeLoop(model, Sampler([greedy] * B, model.cfg.vocab_size, device=logits.device), logits, state)
+    loop = DecodeLoop.greedy(model, *model.forward([[0]] * B))
     for _ in range(n_warmup):
         next(loop)
     sync()
@@ -67,14 +59,15 @@ def time_decode_ours(model, B: int, n_warmup: int, n: int) -> float:
     return B * n / (time.perf_counter() - t0)
 
 
-def time_decode(forward, n_warmup: int, n: int, next_id=greedy_id) -> float:
+def time_decode(forward, n_warmup: int, n: int) -> float:
+    """The reference's loop: each step's argmax read back on the host."""
     logits, state = forward([0], None)
     for _ in range(n_warmup):
-        logits, state = forward([next_id(logits)], state)
+        logits, state = forward([int(logits.argmax())], state)
     sync()
     t0 = time.perf_counter()
     for _ in range(n):
-        logits, state = forward([next_id(logits)], state)
+        logits, state = forward([int(logits.argmax())], state)
     sync()
     return n / (time.perf_counter() - t0)
 
@@ -106,8 +99,8 @@ def worker(args) -> None:
     res["shape"] = f"L{ours.cfg.n_layer} C{ours.cfg.n_embd} V{ours.cfg.vocab_size}"
     prompt = torch.randint(0, min(50000, ours.cfg.vocab_size), (args.prefill,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    def ours_forward(tokens, state, check_finite=True):
-        logits, state = ours.forward([tokens], state, check_finite=check_finite)
+    def ours_forward(tokens, state):
+        logits, state = ours.forward([tokens], state)
         return logits[0], state
 
     decode, prefill, mem_dec, mem_pre = 0.0, 0.0, 0, 0

@@ -8,7 +8,7 @@
 // One launch replaces torch's argmax + isfinite(sum) + cast + concatenation (about 30 us of
 // device time a step at V = 65536, mostly two single-row reductions). tokens_out always holds a
 // valid index, so the next step can be fed from it before the host has looked at ids_out.
-// Twin: rwkv_cli.cuda.twins.checked_ids.
+// Twin: rwkv_cli.sampling.checked_ids_torch.
 #include "common.cuh"
 
 #define IDS_THREADS 1024  // the launch bound below

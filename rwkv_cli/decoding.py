@@ -23,7 +23,7 @@ import torch
 
 from .engine import Model, non_finite_error
 from .ops import cpu_forward_threads
-from .sampling import Sampler
+from .sampling import Sampler, SamplingParams
 from .state import State
 
 
@@ -36,7 +36,6 @@ class _HostIds:
         self.pinned = torch.zeros(B, dtype=torch.long, pin_memory=True)
         self.stream = torch.cuda.Stream()
         self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()
-        self.B = B
 
     def queue(self, ids: torch.Tensor) -> None:
         self.ready.record()  # the ids are computed once the work queued so far has run
@@ -58,24 +57,32 @@ class DecodeLoop:
 
     def __init__(self, model: Model, sampler: Sampler, logits: torch.Tensor, state: State):
         self.model, self.sampler, self.logits, self.state = model, sampler, logits, state
-        self.host = None  # a _HostIds per batch size, on a GPU
+        # per batch size, set on the first step and when rows drop: on a GPU the buffer the next
+        # step reads its ids from (the sampler writes them there) and the ids' read-back
+        self.batch, self.step_input, self.host = 0, None, None
+
+    @classmethod
+    def greedy(cls, model: Model, logits: torch.Tensor, state: State) -> DecodeLoop:
+        """Argmax decoding, no penalties: what the benchmarks time."""
+        params = SamplingParams(temperature=0, presence_penalty=0, frequency_penalty=0)
+        return cls(model, Sampler([params] * logits.shape[0], model.cfg.vocab_size, device=logits.device), logits, state)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[list[int], torch.Tensor, State]:
         logits = self.logits
+        if self.batch != logits.shape[0]:
+            self.batch, self.step_input = logits.shape[0], self.model.step_input(logits.shape[0])
+            self.host = _HostIds(self.batch) if logits.is_cuda else None
         with cpu_forward_threads(logits):  # no fight with BLAS's spinning threads
-            # on a GPU the tokens go straight into the buffer the next step reads
-            tokens, checked = self.sampler.sample_checked(logits, self.model.step_input(logits.shape[0]))
-        if logits.device.type != "cuda":
+            tokens, checked = self.sampler.sample_checked(logits, self.step_input)
+        if self.host is None:  # the CPU: step by step
             ids = checked.tolist()
             if min(ids) < 0:
                 raise non_finite_error(self.model.dtype)
             self.logits, self.state = self.model.step(tokens, self.state)
             return ids, self.logits, self.state
-        if self.host is None or self.host.B != tokens.shape[0]:
-            self.host = _HostIds(tokens.shape[0])
         self.host.queue(checked)
         # queued now, before the wait: the device runs this step while the host reads the ids
         # (`tokens` are valid ids even for a non-finite row, so the queued step is harmless)

@@ -108,9 +108,7 @@ class Model:
         """On a GPU, the buffer [B] that a decoding step of B sequences reads its ids from (its
         CUDA graph's input): a sampler that writes its ids there saves a copy per step. None on
         the CPU."""
-        if self.device.type != "cuda":
-            return None
-        return self.net._graph_step(batch_size).tokens
+        return self.net.step_input(batch_size)
 
     def step(self, tokens: torch.Tensor, state: State):
         """One decoding step for ids [B] that a Sampler drew (in range by construction, possibly

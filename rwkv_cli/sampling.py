@@ -176,14 +176,13 @@ class Sampler:
         sampled = [b for b, p in enumerate(self.params) if p.temperature != 0]
         tokens = logits.argmax(-1) if len(sampled) < B else torch.empty(B, dtype=torch.long, device=dev)
         probs = torch.softmax(logits, -1)
-        u = _host_to(torch.tensor([self.rngs[b].random() for b in sampled], dtype=torch.float32), dev)
+        u = self._uniforms(dev)
         # Truncation needs only the head of the sorted distribution. On the CPU, take the top
         # CANDIDATES first (a partial sort, ~25x cheaper than sorting 65k probabilities), widening
         # only for rows whose kept set might extend past them. A GPU sorts everything in one call.
         V = probs.shape[-1]
         tiers = (*CANDIDATES, V) if probs.device.type == "cpu" else (V,)
         rows = _host_to(torch.tensor(sampled), dev)  # rows still to draw
-        pos = torch.arange(len(sampled), device=dev)  # their places in `u`
         every = len(sampled) == B  # rows are all rows: no gathers
         for k in tiers:
             last = k >= V
@@ -191,11 +190,11 @@ class Sampler:
             top_p, top_i = p.sort(-1, descending=True) if last else p.topk(k, -1)
             kept, complete = self._truncate(top_p, None if every else rows, check_complete=not last)
             done = slice(None) if last else torch.tensor(complete)  # the CPU's tiers only
-            inv_temp = self.inv_temp if every else self.inv_temp[rows]
-            tokens[rows[done]] = self._draw(kept[done], top_i[done], u[pos[done]], inv_temp[done])
+            u_rows, inv_temp = (u, self.inv_temp) if every else (u[rows], self.inv_temp[rows])
+            tokens[rows[done]] = self._draw(kept[done], top_i[done], u_rows[done], inv_temp[done])
             if last or bool(done.all()):
                 break
-            rows, pos, every = rows[~done], pos[~done], False
+            rows, every = rows[~done], False
         self.record(tokens)
         return tokens
 
@@ -206,14 +205,19 @@ class Sampler:
         from .cuda import kops
 
         logits = logits[:, : self.vocab_size].float().contiguous()
-        u = _host_to(torch.tensor([r.random() if p.temperature else 0.0 for r, p in zip(self.rngs, self.params, strict=True)],
-                                  dtype=torch.float32), logits.device)
+        u = self._uniforms(logits.device)
         counts, seen = (self.counts, self.seen) if self.penalizes else (None, None)
         probs, argmax = kops.penalized_softmax(K, logits, counts, seen, self.ban if self.bans else None,
                                                self.presence, self.frequency)
         sorted_p, sorted_i = probs.sort(-1, descending=True)
         return kops.nucleus_draw(K, sorted_p, sorted_i, self.top_p, self.top_k, self.min_p, self.inv_temp, u, argmax,
                                  counts, seen, self.weight, self.decay)
+
+    def _uniforms(self, device) -> torch.Tensor:
+        """This step's draw per row [B], uniform in [0, 1), from each sequence's own RNG (greedy
+        rows draw nothing and get 0), on `device` without waiting for it."""
+        draws = [rng.random() if p.temperature else 0.0 for rng, p in zip(self.rngs, self.params, strict=True)]
+        return _host_to(torch.tensor(draws, dtype=torch.float32), device)
 
     @staticmethod
     def _draw(kept: torch.Tensor, top_i: torch.Tensor, u: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:

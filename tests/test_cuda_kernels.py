@@ -232,7 +232,8 @@ def test_wkv4_step_matches_twin(K, dtype):
 def test_checked_ids_matches_twin(K, V):
     """Argmax (first of equal maxima) or the given ids, and -1 exactly for rows holding a NaN,
     +inf or -inf anywhere: equal to the twin, row by row."""
-    from rwkv_cli.cuda import kops, twins
+    from rwkv_cli.cuda import kops
+    from rwkv_cli.sampling import checked_ids_torch
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = randn(7, V, gen=gen, scale=3)
@@ -243,7 +244,7 @@ def test_checked_ids_matches_twin(K, V):
     logits[5] = float("-inf")
     logits[6, : V // 2] = float("nan")
     tokens, ids = kops.checked_ids(K, logits)
-    ref_tokens, ref_ids = twins.checked_ids(logits)
+    ref_tokens, ref_ids = checked_ids_torch(logits)
     assert ids.tolist() == ref_ids.tolist() and ids.tolist()[2:] == [-1] * 5
     assert tokens[[0, 1]].tolist() == ref_tokens[[0, 1]].tolist() and tokens[1] == V // 3
     assert ((tokens >= 0) & (tokens < V)).all()  # valid ids to feed the next step, whatever the row held

@@ -63,13 +63,10 @@ def _time_gen(model, B: int, N: int, reps: int) -> list[float]:
     import torch
 
     from ..decoding import DecodeLoop
-    from ..sampling import Sampler, SamplingParams
 
     toks = torch.randint(0, model.cfg.vocab_size, (B, 16), generator=torch.Generator().manual_seed(1))
-    logits, state = model.forward(toks)
-    greedy = SamplingParams(temperature=0, presence_penalty=0, frequency_penalty=0)
     # greedy through the loop `rwkv generate` uses (the next step queued before the ids are read)
-    loop = DecodeLoop(model, Sampler([greedy] * B, model.cfg.vocab_size, device=logits.device), logits, state)
+    loop = DecodeLoop.greedy(model, *model.forward(toks))
     for _ in range(3):  # warm-up steps: the CUDA graph for this batch size is captured here
         next(loop)
     out = []

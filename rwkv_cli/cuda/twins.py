@@ -154,9 +154,3 @@ def wkv4_step(w, u, k, v, r, num, den, mx):
     y, num, den, mx = step(w, u, k, v, num, den, mx)
     return (r.float() * y).to(r.dtype), num, den, mx
 
-
-def checked_ids(logits, sampled=None, out=None):
-    """kernels/sampling.cu checked_ids (the torch code the CPU runs, `sampling.checked_ids_torch`)."""
-    from ..sampling import checked_ids_torch
-
-    return checked_ids_torch(logits, sampled, out)

@@ -115,6 +115,10 @@ class RWKVBase:
 
         return kernels_for(self.device)
 
+    def step_input(self, batch_size: int):
+        """On a GPU, the ids buffer [B] that the decoding step's CUDA graph reads; else None."""
+        return self._graph_step(batch_size).tokens if self.device.type == "cuda" else None
+
     def _graph_step(self, batch_size: int):
         if getattr(self, "_graphs", None) is None:
             from ..cuda.graph import GraphCache
