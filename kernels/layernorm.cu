@@ -1,4 +1,5 @@
-// LayerNorm fused with the token shift and its mixes (rwkv-models.md §6, §7.1, §7.4 step 1).
+// LayerNorm fused with the token shift and its mixes (rwkv-models.md §6, §7.1, §7.4 step 1), and
+// the in-place activations of batched decoding (`act_inplace`, at the end).
 //
 // Rows are r = b * T + t of x [B*T, C]. For each row the kernel computes xx = LN(x_r) (eps 1e-5,
 // biased variance, fp32 math, rounded to the storage type like torch's layer_norm), the previous
@@ -121,3 +122,37 @@ __device__ void ln_mix_impl(const typename S::T* __restrict__ x,      // [B*T, C
 LN_MIX(F16, f16)
 LN_MIX(BF16, bf16)
 LN_MIX(F32, f32)
+
+// In-place activations between the cuBLAS products of batched decoding (B > 4), where PyTorch
+// takes a launch per op (two for relu^2): `act` on x[0, n) and `act2` on x2[0, n2) in one launch.
+// act: 1 relu^2 (FFN key), 2 tanh, 3 sigmoid (LoRA hidden lanes, RWKV-4 receptance). n and n2 are
+// multiples of 16 bytes' worth of elements. Twin: rwkv_cli.cuda.twins.act_inplace.
+__device__ __forceinline__ float activate(float v, int act) {
+    if (act == 1) { v = fmaxf(v, 0.f); return v * v; }
+    if (act == 2) return tanhf(v);
+    return sigmoidf_(v);
+}
+
+template <class S>
+__device__ void act_inplace_impl(typename S::T* x, int n, int act, typename S::T* x2, int n2, int act2) {
+    constexpr int N = Vec<S>::N;
+    const int vecs = n / N, total = vecs + n2 / N;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        typename S::T* p = i < vecs ? x + (size_t)i * N : x2 + (size_t)(i - vecs) * N;
+        const int a = i < vecs ? act : act2;
+        float f[N];
+        Vec<S>::load(p, f);
+#pragma unroll
+        for (int e = 0; e < N; ++e) f[e] = S::load(S::store(activate(f[e], a)));
+        Vec<S>::store(p, f);
+    }
+}
+
+#define ACT_INPLACE(S, SUF)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) act_inplace_##SUF(S::T* x, int n, int act, S::T* x2, \
+                                                                      int n2, int act2) {                 \
+        act_inplace_impl<S>(x, n, act, x2, n2, act2);                                                     \
+    }
+ACT_INPLACE(F16, f16)
+ACT_INPLACE(BF16, bf16)
+ACT_INPLACE(F32, f32)

@@ -90,6 +90,11 @@ def wkv4_step(w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o, B, A):
         dst.copy_(src)
 
 
+def act_inplace(x, n, act, x2, n2, act2):
+    assert n == x.numel() and (x2 is None or n2 == x2.numel())
+    twins.act_inplace(x, act, x2, act2)
+
+
 class FakeGemv:
     """kernels/gemv.cu for one prepared launch: the fp32 reference of the same products."""
 
@@ -107,7 +112,7 @@ class FakeKernels:
 
     max_smem = 0
     fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_post": wkv7_post,
-           "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step}
+           "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace}
 
     def get(self, name):
         family = next(f for f in sorted(self.fns, key=len, reverse=True) if name.startswith(f))

@@ -57,6 +57,22 @@ def test_ln_mix(K, dtype, v4_order, C):
     assert rel_err(last, ref_last) <= HALF_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_act_inplace(K, dtype):
+    """relu^2, tanh, sigmoid, each alone and two of them in one launch (ranges of unequal length)."""
+    from rwkv_cli.cuda import kops, twins
+
+    for act, act2 in ((1, 0), (2, 3), (1, 3), (3, 2)):
+        x, x2 = randn(64, 8192, dtype=dtype, scale=3), randn(64, 96, dtype=dtype, scale=3)
+        ref, ref2 = x.clone(), x2.clone()
+        kops.act_inplace(K, x, act, x2 if act2 else None, act2)
+        twins.act_inplace(ref, act, ref2 if act2 else None, act2)
+        assert rel_err(x, ref) <= HALF_TOL[dtype]
+        assert rel_err(x2, ref2) <= HALF_TOL[dtype]  # untouched when act2 is 0
+    with pytest.raises(ValueError):
+        kops.act_inplace(K, randn(3, dtype=torch.float16), 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B", [1, 2, 3, 4])
 def test_gemv_segments(K, dtype, B):

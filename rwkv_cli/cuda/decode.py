@@ -17,11 +17,16 @@ forms r, k, v and its LoRA projections as three batched products over stacked we
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..models.rwkv7 import stack_lora_up
 from . import kops
 from .twins import Seg, gemv_torch
+
+PARALLEL_LORA = True  # batched steps: the LoRA chain on a second stream, beside r, k, v
+OUT_ACT = {1: kops.ACT_RELU_SQUARE, 2: kops.ACT_SIGMOID}  # Seg.out_act -> act_inplace's act
 
 
 class _Builder:
@@ -49,7 +54,16 @@ class _Builder:
                 self.keep.append(segs)
                 self.ops.append(lambda: kern.launch(grid, 256, payload, smem))
                 return
-        self.ops.append(lambda: gemv_torch(segs))
+        # cuBLAS: the activations of plain products (relu^2, sigmoid) in one act_inplace launch
+        # afterwards, instead of PyTorch's one or two launches for each
+        acts = [(s.y, OUT_ACT[s.out_act]) for s in segs if s.out_act and s.res is None and s.gate is None
+                and s.scale == 1.0 and not s.out_f32][:2]
+        if acts:
+            segs = [replace(s, out_act=0) if any(s.y is y for y, _ in acts) else s for s in segs]
+            args = [a for pair in acts for a in pair]
+            self.ops.append(lambda: (gemv_torch(segs), kops.act_inplace(self.K, *args)))
+        else:
+            self.ops.append(lambda: gemv_torch(segs))
 
     def ln_mix(self, x, shift, w, b, mix, v4_order, out, shift_out=None, xx_out=None):
         kern = self.K.get(f"ln_mix_{kops.SUFFIX[self.dt]}")
@@ -111,6 +125,8 @@ def build_step7(net, K, src, dst, tokens, logits):
         r, k, v, wz, az, vz, g, vf, y = (b.buf(B, C) for _ in range(9))
     hidden = b.buf(B, net.layers[0].ffn_key.shape[0])
 
+    side = torch.cuda.Stream(b.dev) if batched and PARALLEL_LORA and b.dev.type == "cuda" else None
+
     def lora_batched(lw):
         """mixes -> r, k, v and the LoRA outputs vz, wz, az, g (tanh on w's hidden lanes and
         sigmoid on g's before their up-projections), in three products."""
@@ -118,11 +134,18 @@ def build_step7(net, K, src, dst, tokens, logits):
         W_up = stack_lora_up(lw).transpose(1, 2)
 
         def op():
+            # The LoRA chain needs only the mixes, like r, k, v: it runs on a second stream (a
+            # parallel branch of the captured graph), since neither product fills the GPU at B = 64.
+            main = side and torch.cuda.current_stream()
+            if side:
+                side.wait_stream(main)
+            with torch.cuda.stream(side):  # (no-op when None)
+                torch.bmm(mixes[2:], lw.lora_down.transpose(1, 2), out=low)  # inputs v, w, a, g
+                kops.act_inplace(K, low[1], kops.ACT_TANH, low[3], kops.ACT_SIGMOID)
+                torch.bmm(low, W_up, out=ups)
             torch.bmm(mixes[:3], lw.W_rkv.transpose(1, 2), out=rkv)
-            torch.bmm(mixes[2:], lw.lora_down.transpose(1, 2), out=low)  # inputs v, w, a, g
-            low[1].tanh_()
-            low[3].sigmoid_()
-            torch.bmm(low, W_up, out=ups)
+            if side:
+                main.wait_stream(side)
 
         b.ops.append(op)
 

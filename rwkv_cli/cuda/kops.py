@@ -50,6 +50,20 @@ def ln_mix(K, x, shift, w, b, mix, v4_order: bool, want_xx: bool = False):
     return (out[:n], shift_out, xx) if want_xx else (out[:n], shift_out)
 
 
+ACT_RELU_SQUARE, ACT_TANH, ACT_SIGMOID = 1, 2, 3  # kernels/layernorm.cu act_inplace
+
+
+def act_inplace(K, x, act: int, x2=None, act2: int = 0) -> None:
+    """`act` applied to x and `act2` to x2 (or nothing), in place, in one launch."""
+    n, n2 = x.numel(), 0 if x2 is None else x2.numel()
+    per16 = 16 // x.element_size()
+    if n % per16 or n2 % per16 or (x2 is not None and x2.dtype != x.dtype):
+        raise ValueError("act_inplace takes whole 16-byte vectors of one dtype")
+    threads = 256
+    blocks = max(1, min(-(-(n + n2) // (per16 * threads)), 4 * _sm_count(x)))
+    K.get(f"act_inplace_{SUFFIX[x.dtype]}")(blocks, threads, _c(x), n, act, _c(x2), n2, act2)
+
+
 def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 

@@ -26,6 +26,7 @@ NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math", "-DNDEBUG")
 # Kernel signatures: p = pointer (a tensor or None), i = int32, f = float32, S<n> = n raw bytes.
 SIGNATURES = {
     "ln_mix": "pppppppp" + "iiii",
+    "act_inplace": "pii" + "pii",
     "wkv7_prep": "pppppppppppp" + "pppppp" + "ii",
     "wkv7_post": "ppppppppp" + "ii",
     "wkv7_step": "pppppppp" + "i" + "ppppppppppp" + "i",
@@ -314,7 +315,7 @@ class Kernels:
         if name not in self._funcs:
             family = next(f for f in sorted(SIGNATURES, key=len, reverse=True) if name.startswith(f))
             module = "sampling" if family in SAMPLING_FAMILIES else \
-                {"ln": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4"}[family[:2]]
+                {"ln": "layernorm", "ac": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4"}[family[:2]]
             func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
             self._allow_smem(func, name)
             self._funcs[name] = Kernel(self.driver, func, name, SIGNATURES[family],

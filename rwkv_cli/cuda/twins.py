@@ -80,6 +80,14 @@ def _epilogue(acc, s: Seg):
     return acc * s.scale if s.scale != 1.0 else acc
 
 
+def act_inplace(x, act: int, x2=None, act2: int = 0) -> None:
+    """kernels/layernorm.cu act_inplace: act 1 relu^2, 2 tanh, 3 sigmoid, in fp32, rounded."""
+    fns = {1: lambda t: torch.relu(t).square(), 2: torch.tanh, 3: torch.sigmoid}
+    for t, a in ((x, act), (x2, act2)):
+        if t is not None:
+            t.copy_(fns[a](t.float()))
+
+
 def gemv_reference(segs: list[Seg]) -> None:
     """kernels/gemv.cu in fp32 (inputs staged and rounded as the kernel does)."""
     outs = [_epilogue(_stage(s).float() @ s.W.float().t(), s) for s in segs]
