@@ -302,6 +302,9 @@ def run_kernels(args) -> None:
         torch.rand(6, C, device="cuda", dtype=dt), torch.zeros(1, C, device="cuda", dtype=dt)
     row(f"ln_mix: LN + 6 token-shift mixes, T={T}", time_cuda(lambda: kops.ln_mix(K, xs, sh, lw, lb, mix, False)),
         time_cuda(lambda: twins.ln_mix(xs, sh, lw, lb, mix, False)))
+    hid = torch.randn(64, 4 * C, device="cuda", dtype=dt)  # batched decoding's FFN key output
+    row(f"act_inplace: relu^2 of B=64 x {4 * C}", time_cuda(lambda: kops.act_inplace(K, hid, kops.ACT_RELU_SQUARE)),
+        time_cuda(lambda: hid.relu_().square_()), hid.numel() * 4)
     vecs = [torch.randn(1, C, device="cuda", dtype=dt) for _ in range(8)]
     p = dict(w0=torch.randn(C, device="cuda") - 3, a0=vecs[7][0], v0=vecs[7][0], k_k=vecs[6][0], k_a=vecs[6][0])
     rk, lnw, lnb = torch.randn(H, N, device="cuda", dtype=dt) * 0.1, torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
