@@ -11,8 +11,9 @@ LayerNorm output, the next token's shift, into `dst`); one for the four LoRA up-
 (tanh / sigmoid on their inputs); the fused WKV step (decay, keys, delta-rule update, readout,
 GroupNorm, bonus, gate); the output projection with the residual add; the FFN key with LN2 + mix
 staged and relu^2; the FFN value with the residual add. Six launches; RWKV-4 has five. For larger
-batches and fp32, a separate ln_mix launch feeds cuBLAS products (`twins.gemv_torch`); RWKV-7 then
-forms r, k, v and its LoRA projections as three batched products over stacked weights.
+batches and fp32, a separate ln_mix launch feeds cuBLAS products (`twins.gemv_torch`, their
+activations in one `act_inplace` launch); RWKV-7 then forms r, k, v and its LoRA projections as
+three batched products over stacked weights, the LoRA chain on a second stream beside r, k, v.
 """
 
 from __future__ import annotations
@@ -133,19 +134,24 @@ def build_step7(net, K, src, dst, tokens, logits):
         low = lows[: 4 * B * lw.lora_down.shape[1]].view(4, B, -1)
         W_up = stack_lora_up(lw).transpose(1, 2)
 
+        def lora_chain():
+            torch.bmm(mixes[2:], lw.lora_down.transpose(1, 2), out=low)  # inputs v, w, a, g
+            kops.act_inplace(K, low[1], kops.ACT_TANH, low[3], kops.ACT_SIGMOID)
+            torch.bmm(low, W_up, out=ups)
+
         def op():
+            if side is None:
+                lora_chain()
+                torch.bmm(mixes[:3], lw.W_rkv.transpose(1, 2), out=rkv)
+                return
             # The LoRA chain needs only the mixes, like r, k, v: it runs on a second stream (a
             # parallel branch of the captured graph), since neither product fills the GPU at B = 64.
-            main = side and torch.cuda.current_stream()
-            if side:
-                side.wait_stream(main)
-            with torch.cuda.stream(side):  # (no-op when None)
-                torch.bmm(mixes[2:], lw.lora_down.transpose(1, 2), out=low)  # inputs v, w, a, g
-                kops.act_inplace(K, low[1], kops.ACT_TANH, low[3], kops.ACT_SIGMOID)
-                torch.bmm(low, W_up, out=ups)
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                lora_chain()
             torch.bmm(mixes[:3], lw.W_rkv.transpose(1, 2), out=rkv)
-            if side:
-                main.wait_stream(side)
+            main.wait_stream(side)
 
         b.ops.append(op)
 
