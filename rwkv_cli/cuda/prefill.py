@@ -4,11 +4,11 @@ replace (`rwkv_cli/models/`), which stay the reference.
 
 RWKV-7 per layer: LN1 + the six token-shift mixes in one kernel (`ln_mix`), r, k, v as one batched
 product and the four LoRA down-projections as another (stacked weights, `stack_for_prompts`),
-the LoRA up-projections, `wkv7_prep` (steps 3-7 for all tokens), `wkv7_seq` (the recurrence, state
-carried, one launch for the whole chunk), `wkv7_post` (GroupNorm, bonus, gate) for the positions
-that are kept, the output product. RWKV-4: `ln_mix`, products (k and v as one batched product
-with fp32 output),
-`wkv4_seq`, output product.
+tanh and sigmoid on their w and g lanes in one `act_inplace`, the up-projections of v, w, a as one
+batched product (`stack_lora_up3`) and g's on its own, `wkv7_prep` (steps 3-7 for all tokens),
+`wkv7_seq` (the recurrence, state carried, one launch for the whole chunk), `wkv7_post`
+(GroupNorm, bonus, gate) for the positions that are kept, the output product. RWKV-4: `ln_mix`,
+products (k and v as one batched product with fp32 output), `wkv4_seq`, output product.
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.rwkv7 import stack_lora_up3
 from ..ops import bmm_fp32_out, linear_fp32_out
 from . import kops
 
 
 def _last(t: torch.Tensor, keep: int) -> torch.Tensor:
     return t if keep == t.shape[1] else t[:, -keep:].contiguous()
-
-
-def _ranks(lw) -> tuple[int, int, int, int]:
-    """The LoRA ranks of v (0 in layer 0), w, a and g: the rows of `lora_down` in use."""
-    return 0 if lw.v1 is None else lw.v1.shape[0], lw.w1.shape[0], lw.a1.shape[0], lw.g1.shape[0]
 
 
 def time_mix7(K, net, lw, x, st, v_first, keep: int):
@@ -36,24 +32,28 @@ def time_mix7(K, net, lw, x, st, v_first, keep: int):
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.att_shift, *lw.ln1, lw.mix.view(6, C), v4_order=False)
     xr, xk, xv, xw, xa, xg = mixes.unbind(0)
     first = lw.v0 is None
-    if lw.W_rkv is not None:  # two batched products instead of seven: their host time is the cost
+    if lw.W_rkv is not None:  # batched products over stacked weights: their host time is the cost
         rows = mixes.view(6, B * T, C)
         r, k, v = torch.bmm(rows[:3], lw.W_rkv.transpose(1, 2)).view(3, B, T, C).unbind(0)
-        down = torch.bmm(rows[2:], lw.lora_down.transpose(1, 2)).view(4, B, T, -1)  # inputs v, w, a, g
-        hv, hw, ha, hg = (down[i, ..., :n] for i, n in enumerate(_ranks(lw)))
+        down = torch.bmm(rows[2:], lw.lora_down.transpose(1, 2))  # inputs v, w, a, g: [4, B*T, D]
+        kops.act_inplace(K, down[1], kops.ACT_TANH, down[3], kops.ACT_SIGMOID)
+        up = stack_lora_up3(lw)  # v, w, a as one product; g (the widest) on its own
+        vz, wz, az = torch.bmm(down[:3, :, : up.shape[2]], up.transpose(1, 2)).view(3, B, T, C).unbind(0)
+        vz = None if first else vz
+        hg = down[3].view(B, T, -1)[..., : lw.g2.shape[1]]
     else:
         r, k, v = F.linear(xr, lw.W_r), F.linear(xk, lw.W_k), F.linear(xv, lw.W_v)
-        hw, ha, hg = F.linear(xw, lw.w1), F.linear(xa, lw.a1), F.linear(_last(xg, keep), lw.g1)
+        hw, ha, hg = F.linear(xw, lw.w1), F.linear(xa, lw.a1), torch.sigmoid(F.linear(_last(xg, keep), lw.g1))
         hv = None if first else F.linear(xv, lw.v1)
-    wz = F.linear(torch.tanh(hw), lw.w2)
-    az = F.linear(ha, lw.a2)
-    vz = None if first else F.linear(hv, lw.v2)
+        wz = F.linear(torch.tanh(hw), lw.w2)
+        az = F.linear(ha, lw.a2)
+        vz = None if first else F.linear(hv, lw.v2)
     r32, d, kk, kw, vw, beta = kops.wkv7_prep(K, r, k, v, wz, az, vz, None if first else v_first.contiguous(),
                                               lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H)
     if first:
         v_first = v
     y, wkv = kops.wkv7_seq(K, st.wkv.contiguous(), r32, d, kk, kw, beta, vw)
-    g = F.linear(torch.sigmoid(hg[:, -keep:]), lw.g2)
+    g = F.linear(hg[:, -keep:], lw.g2)  # sigmoid already applied
     out = kops.wkv7_post(K, *(_last(t, keep) for t in (y, r32, kw, vw)), g, lw.r_k, *lw.ln_x, H)
     return F.linear(out, lw.W_o), shift, wkv, v_first
 
