@@ -185,7 +185,7 @@ def wkv7_prep(K, r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):
     """[R, C] (or [B, T, C]) inputs -> fp32 r, d, kk, kw, vw, beta shaped like k."""
     C = k.shape[-1]
     R = k.numel() // C
-    outs = [torch.empty(k.shape, dtype=torch.float32, device=k.device) for _ in range(6)]
+    outs = torch.empty(6, *k.shape, dtype=torch.float32, device=k.device).unbind(0)  # one allocation
     K.get(f"wkv7_prep_{SUFFIX[k.dtype]}")(-(-R * H // 8), 256, *map(_c, (r, k, v, wz, az, vz, vf)),
                                           w0, a0, v0, k_k, k_a, *outs, R, H)
     return outs

@@ -61,7 +61,8 @@ def time_mix7(K, net, lw, x, st, v_first, keep: int):
 def channel_mix7(K, net, lw, x, st):
     C = x.shape[-1]
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.ffn_shift, *lw.ln2, lw.ffn_mix.view(1, C), v4_order=False)
-    hidden = torch.relu(F.linear(mixes[0], lw.ffn_key)).square_()
+    hidden = F.linear(mixes[0], lw.ffn_key)
+    kops.act_inplace(K, hidden, kops.ACT_RELU_SQUARE)
     return F.linear(hidden, lw.ffn_value), shift
 
 
@@ -85,6 +86,6 @@ def channel_mix4(K, net, lw, x, st):
     C = x.shape[-1]
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.ffn_shift, *lw.ln2, lw.ffn_mix.view(2, C), v4_order=True)
     xk, xr = mixes.unbind(0)
-    r = torch.sigmoid(F.linear(xr, lw.ffn_receptance))
-    hidden = torch.relu(F.linear(xk, lw.ffn_key)).square_()
+    r, hidden = F.linear(xr, lw.ffn_receptance), F.linear(xk, lw.ffn_key)
+    kops.act_inplace(K, hidden, kops.ACT_RELU_SQUARE, r, kops.ACT_SIGMOID)
     return r * F.linear(hidden, lw.ffn_value), shift
