@@ -127,7 +127,7 @@ LN_MIX(F32, f32)
 // takes a launch per op (two for relu^2): `act` on x[0, n) and `act2` on x2[0, n2) in one launch.
 // act: 1 relu^2 (FFN key), 2 tanh, 3 sigmoid (LoRA hidden lanes, RWKV-4 receptance). n and n2 are
 // multiples of 16 bytes' worth of elements. Twin: rwkv_cli.cuda.twins.act_inplace.
-__device__ __forceinline__ float activate(float v, int act) {
+__device__ __forceinline__ float act_value(float v, int act) {  // (gemv.cu's codes differ)
     if (act == 1) { v = fmaxf(v, 0.f); return v * v; }
     if (act == 2) return tanhf(v);
     return sigmoidf_(v);
@@ -143,7 +143,7 @@ __device__ void act_inplace_impl(typename S::T* x, int n, int act, typename S::T
         float f[N];
         Vec<S>::load(p, f);
 #pragma unroll
-        for (int e = 0; e < N; ++e) f[e] = S::load(S::store(activate(f[e], a)));
+        for (int e = 0; e < N; ++e) f[e] = S::load(S::store(act_value(f[e], a)));
         Vec<S>::store(p, f);
     }
 }

@@ -155,6 +155,14 @@ def test_signatures_match_the_cuda_sources():
             assert found[n] == sig, f"{n}: source has {found[n]}, Python packs {sig}"
 
 
+def test_every_kernel_family_is_found_in_its_module():
+    """loader.MODULE_OF names, for every family in SIGNATURES, the source file that defines it."""
+    assert set(loader.MODULE_OF) == set(loader.SIGNATURES)
+    for family, module in loader.MODULE_OF.items():
+        assert module in loader.SOURCES
+        assert re.search(rf"\b{family}(_##SUF|_\w+)?\(", (KERNELS / f"{module}.cu").read_text()), family
+
+
 @pytest.mark.parametrize("version", ["7", "4"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_emulated_gpu_engine_matches_torch_path(make_ckpt, emulated, version, dtype):

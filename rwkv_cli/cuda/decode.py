@@ -26,7 +26,6 @@ from ..models.rwkv7 import stack_lora_up
 from . import kops
 from .twins import Seg, gemv_torch
 
-PARALLEL_LORA = True  # batched steps: the LoRA chain on a second stream, beside r, k, v
 OUT_ACT = {1: kops.ACT_RELU_SQUARE, 2: kops.ACT_SIGMOID}  # Seg.out_act -> act_inplace's act
 
 
@@ -59,12 +58,17 @@ class _Builder:
         # afterwards, instead of PyTorch's one or two launches for each
         acts = [(s.y, OUT_ACT[s.out_act]) for s in segs if s.out_act and s.res is None and s.gate is None
                 and s.scale == 1.0 and not s.out_f32][:2]
-        if acts:
-            segs = [replace(s, out_act=0) if any(s.y is y for y, _ in acts) else s for s in segs]
-            args = [a for pair in acts for a in pair]
-            self.ops.append(lambda: (gemv_torch(segs), kops.act_inplace(self.K, *args)))
-        else:
+        if not acts:
             self.ops.append(lambda: gemv_torch(segs))
+            return
+        bare = [replace(s, out_act=0) if any(s.y is y for y, _ in acts) else s for s in segs]
+        args = [a for pair in acts for a in pair]
+
+        def op():
+            gemv_torch(bare)
+            kops.act_inplace(self.K, *args)
+
+        self.ops.append(op)
 
     def ln_mix(self, x, shift, w, b, mix, v4_order, out, shift_out=None, xx_out=None):
         kern = self.K.get(f"ln_mix_{kops.SUFFIX[self.dt]}")
@@ -126,7 +130,7 @@ def build_step7(net, K, src, dst, tokens, logits):
         r, k, v, wz, az, vz, g, vf, y = (b.buf(B, C) for _ in range(9))
     hidden = b.buf(B, net.layers[0].ffn_key.shape[0])
 
-    side = torch.cuda.Stream(b.dev) if batched and PARALLEL_LORA and b.dev.type == "cuda" else None
+    side = torch.cuda.Stream(b.dev) if batched and b.dev.type == "cuda" else None  # the LoRA branch
 
     def lora_batched(lw):
         """mixes -> r, k, v and the LoRA outputs vz, wz, az, g (tanh on w's hidden lanes and

@@ -253,8 +253,7 @@ def wkv4_step(K, w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o):
 
 def checked_ids(K, logits, sampled=None, out=None):
     """Same as its twin `sampling.checked_ids_torch`, in one launch: fp32 logits [B, V] ->
-    (tokens [B], ids [B]);
-    the tokens (the argmax, or `sampled`) are written into `out` when given."""
+    (tokens [B], ids [B]); the tokens (the argmax, or `sampled`) are written into `out` when given."""
     B, V = logits.shape
     if logits.dtype != torch.float32:
         raise ValueError("checked_ids reads fp32 logits")

@@ -37,9 +37,15 @@ SIGNATURES = {
     "penalized_softmax": "pppppppp" + "i",
     "nucleus_draw": "ppppppppppppp" + "i",
 }
-SAMPLING_FAMILIES = ("checked_ids", "penalized_softmax", "nucleus_draw")  # kernels/sampling.cu
+# The source (kernels/<module>.cu) of each kernel family.
+MODULE_OF = {
+    "ln_mix": "layernorm", "act_inplace": "layernorm",
+    "wkv7_prep": "rwkv7", "wkv7_post": "rwkv7", "wkv7_step": "rwkv7", "wkv7_seq": "rwkv7",
+    "wkv4_seq": "rwkv4", "wkv4_step": "rwkv4",
+    "checked_ids": "sampling", "penalized_softmax": "sampling", "nucleus_draw": "sampling",
+}
 # one variant, not one per activation dtype
-UNSUFFIXED = ("wkv7_seq", "wkv4_seq", *SAMPLING_FAMILIES)
+UNSUFFIXED = ("wkv7_seq", "wkv4_seq", "checked_ids", "penalized_softmax", "nucleus_draw")
 
 # Launched as programmatic dependents too (besides gemv): the decoding steps, which read only their
 # own state rows (written by an earlier decoding step, complete before this one began) and
@@ -314,9 +320,8 @@ class Kernels:
         """A kernel by its full name, e.g. 'wkv7_step_f16' (signature from its family)."""
         if name not in self._funcs:
             family = next(f for f in sorted(SIGNATURES, key=len, reverse=True) if name.startswith(f))
-            module = "sampling" if family in SAMPLING_FAMILIES else \
-                {"ln": "layernorm", "ac": "layernorm", "wk": "rwkv7" if "7" in family else "rwkv4"}[family[:2]]
-            func = _check(self.driver.cuModuleGetFunction(self.modules[module], name.encode()), f"finding {name}")
+            func = _check(self.driver.cuModuleGetFunction(self.modules[MODULE_OF[family]], name.encode()),
+                          f"finding {name}")
             self._allow_smem(func, name)
             self._funcs[name] = Kernel(self.driver, func, name, SIGNATURES[family],
                                        dependent=self.dependent_launch and family in DEPENDENT_FAMILIES)

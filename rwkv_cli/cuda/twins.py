@@ -161,4 +161,3 @@ def wkv4_step(w, u, k, v, r, num, den, mx):
 
     y, num, den, mx = step(w, u, k, v, num, den, mx)
     return (r.float() * y).to(r.dtype), num, den, mx
-
