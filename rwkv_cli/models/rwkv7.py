@@ -189,17 +189,16 @@ class RWKV7(RWKVBase):
             embed = (tokens, x)  # the channel-mix factor reads the token and its embedding
         for i, (lw, st) in enumerate(zip(self.layers, state.layers, strict=False)):
             keep = 2 if last_only and i == len(self.layers) - 1 else x.shape[1]
-            dx, att_shift, wkv, v_first = self.time_mix(lw, x, st, v_first, keep)
-            x = x[:, -keep:] + dx
+            x, att_shift, wkv, v_first = self.time_mix(lw, x, st, v_first, keep)
             if embed is not None and keep < embed[0].shape[1]:
                 embed = (embed[0][:, -keep:], embed[1][:, -keep:])
-            dx, ffn_shift = self.channel_mix(lw, x, st, embed)
-            x = x + dx
+            x, ffn_shift = self.channel_mix(lw, x, st, embed)
             new_layers.append(RWKV7LayerState(att_shift, wkv, ffn_shift))
         return x, State("7", new_layers)
 
     def time_mix(self, lw: Layer7, x, st: RWKV7LayerState, v_first, keep: int):
-        """Returns (output for the last `keep` positions, new att_shift, new wkv state, v_first)."""
+        """Returns (x[:, -keep:] + the time-mix output: the residual stream for the last `keep`
+        positions, new att_shift, new wkv state, v_first)."""
         K = self._kernels()
         if K is not None:  # GPU: fused kernels around the same products (rwkv_cli/cuda/prefill.py)
             from ..cuda.prefill import time_mix7
@@ -235,11 +234,12 @@ class RWKV7(RWKVBase):
         y = F.group_norm(y.reshape(B * T, C), H, *lw.ln_x, eps=64e-5).view(B, T, C).to(x.dtype)
         y = y + ((r * k).view(B, T, H, N) * lw.r_k).sum(-1, keepdim=True).mul(heads(v)).view(B, T, C)
         g = linear(torch.sigmoid(linear(xg, lw.g1)), lw.g2)
-        return linear(y * g, lw.W_o), xx[:, -1], wkv, v_first
+        return x[:, -keep:] + linear(y * g, lw.W_o), xx[:, -1], wkv, v_first
 
     def channel_mix(self, lw: Layer7, x, st: RWKV7LayerState, embed=None):
-        """out = W_value relu(W_key x_k)^2 (§7.4), the hidden vector times `deep_embed_factor` in
-        RWKV-7a, where `embed` = (token ids [B, T], LN0(emb[ids]) [B, T, C]) of x's positions."""
+        """Returns (x + out, ffn_shift) with out = W_value relu(W_key x_k)^2 (§7.4), the hidden vector
+        times `deep_embed_factor` in RWKV-7a, where `embed` = (token ids [B, T], LN0(emb[ids]) [B, T,
+        C]) of x's positions."""
         K = None if lw.s_emb is not None else self._kernels()  # the kernels have no DeepEmbed
         if K is not None:
             from ..cuda.prefill import channel_mix7
@@ -250,7 +250,7 @@ class RWKV7(RWKVBase):
         hidden = torch.relu(linear(xk, lw.ffn_key)).square_()
         if lw.s_emb is not None:
             hidden = hidden * self.deep_embed_factor(lw, xx, *embed)
-        return linear(hidden, lw.ffn_value), xx[:, -1]
+        return x + linear(hidden, lw.ffn_value), xx[:, -1]
 
     @staticmethod
     def deep_embed_factor(lw: Layer7, xx, tokens, emb):
