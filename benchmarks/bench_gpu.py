@@ -277,6 +277,15 @@ def run_kernels(args) -> None:
             ref = time_cuda(lambda sets=sets, twin=twin: [twin(segs) for segs in sets]) / copies
             row(f"gemv C={Cw}: {name}, B=1", ours, ref, nbytes)
             del sets
+    # prompt products of a small model (0.1B widths, 512-token chunk): kernels/gemm.cu against cuBLAS
+    R, Cs = 512, 768
+    xs3 = torch.randn(3, R, Cs, device="cuda", dtype=dt)
+    for name, x_, W_ in (("r, k, v: 3 x (512 x 768 @ 768 x 768)", xs3, torch.randn(3, Cs, Cs, device="cuda", dtype=dt)),
+                         ("FFN key: 512 x 768 @ 768 x 3072", xs3[0], torch.randn(4 * Cs, Cs, device="cuda", dtype=dt)),
+                         ("head: 1 x 768 @ 768 x 65536", xs3[0, :1], torch.randn(65536, Cs, device="cuda", dtype=dt))):
+        twin = (lambda x_=x_, W_=W_: torch.bmm(x_, W_.transpose(1, 2))) if W_.dim() == 3 else \
+            (lambda x_=x_, W_=W_: F.linear(x_, W_))
+        row(f"gemm {name}", time_cuda(lambda x_=x_, W_=W_: kops.gemm(K, x_, W_)), time_cuda(twin))
     # RWKV-7 prefill recurrence, one layer, T tokens
     gen = torch.Generator(device="cuda").manual_seed(0)
     N = 64

@@ -90,6 +90,14 @@ def wkv4_step(w, u, k, v, r, num, den, mx, out, num_o, den_o, mx_o, B, A):
         dst.copy_(src)
 
 
+def gemm(x, W, res, y, M, N, K, ldx, sx, sW, ldy, sy, out_f32):
+    n = y.numel() // (M * N)
+    assert ldy == N and sy == M * N and bool(out_f32) == (y.dtype == torch.float32)
+    xs = x.as_strided((n, M, K), (sx, ldx, 1), x.storage_offset())
+    Ws = W.reshape(-1, N, K) if sW else W.reshape(1, N, K)
+    y.view(n, M, N).copy_(twins.gemm(xs, Ws.expand(n, N, K), None if res is None else res.reshape(n, M, N), True))
+
+
 def act_inplace(x, n, act, x2, n2, act2):
     assert n == x.numel() and (x2 is None or n2 == x2.numel())
     twins.act_inplace(x, act, x2, act2)
@@ -112,7 +120,8 @@ class FakeKernels:
 
     max_smem = 0
     fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_post": wkv7_post,
-           "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace}
+           "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace,
+           "gemm": gemm}
 
     def get(self, name):
         family = next(f for f in sorted(self.fns, key=len, reverse=True) if name.startswith(f))
@@ -137,7 +146,7 @@ def _signature_kinds(params: str) -> str:
     kinds = []
     for p in params.split(","):
         p = p.strip()
-        kinds.append("p" if "*" in p else ("f" if p.startswith("float") else "i"))
+        kinds.append("p" if "*" in p else "f" if p.startswith("float") else "l" if p.startswith("long long") else "i")
     return "".join(kinds)
 
 

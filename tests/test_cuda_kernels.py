@@ -74,6 +74,37 @@ def test_act_inplace(K, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemm_matches_twin(K, dtype):
+    """kernels/gemm.cu against twins.gemm: tails in M, N and K, one row, batched products over
+    strided views (as prefill.py passes them), the residual, fp32 outputs."""
+    from rwkv_cli.cuda import kops, twins
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for M, N, Kd in ((1, 65536, 768), (37, 72, 40), (300, 776, 768), (64, 64, 32), (129, 130, 3072), (5, 2, 8)):
+        x, W = randn(M, Kd, dtype=dtype, gen=gen), randn(N, Kd, dtype=dtype, scale=Kd ** -0.5, gen=gen)
+        assert kops.gemm_fits(x, W)
+        assert rel_err(kops.gemm(K, x, W), twins.gemm(x, W)) <= HALF_TOL[dtype]
+        res = randn(M, N, dtype=dtype, gen=gen)
+        assert rel_err(kops.gemm(K, x, W, res), twins.gemm(x, W, res)) <= HALF_TOL[dtype]
+        y32 = kops.gemm(K, x, W, out_f32=True)
+        assert y32.dtype == torch.float32 and rel_err(y32, twins.gemm(x, W, out_f32=True)) <= 1e-5
+    # batched over a strided view: rows 2.. of six stacked [R, C] inputs, and a column slice
+    R, C, D = 77, 256, 96
+    stacked = randn(6, 2, R // 2 + 1, C, dtype=dtype, gen=gen).view(6, -1, C)
+    W3 = randn(4, D, C, dtype=dtype, scale=C ** -0.5, gen=gen)
+    y = kops.gemm(K, stacked[2:], W3)
+    assert y.shape == (4, stacked.shape[1], D) and rel_err(y, twins.gemm(stacked[2:], W3)) <= HALF_TOL[dtype]
+    up = randn(3, C, 64, dtype=dtype, scale=0.125, gen=gen)
+    lhs = kops.gemm(K, stacked[2:], W3)[:3, :, :64]
+    assert rel_err(kops.gemm(K, lhs, up), twins.gemm(lhs, up)) <= HALF_TOL[dtype]
+    # a [B, T, C] input with leading dimensions, and what does not fit
+    x3 = randn(2, 9, C, dtype=dtype, gen=gen)
+    assert kops.gemm(K, x3, W3[0]).shape == (2, 9, D)
+    assert not kops.gemm_fits(randn(4, 12, dtype=dtype), randn(8, 12, dtype=dtype))  # K not whole vectors
+    assert not kops.gemm_fits(randn(4, 16), randn(8, 16))  # fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B", [1, 2, 3, 4])
 def test_gemv_segments(K, dtype, B):
     """Several products in one launch, with every input activation and epilogue; odd row counts.

@@ -181,6 +181,47 @@ def gemv(K, segs: list[Seg]) -> None:
     gemv_kernel(K, segs).launch(grid, 256, payload, smem)
 
 
+GEMM_TILE = 64  # kernels/gemm.cu: a block of 128 threads per 64 x 64 tile of y
+GEMM_SMEM = 2 * (64 + 64) * 40 * 2  # its dynamic shared memory: two stages of padded A and B tiles
+
+
+def gemm_fits(x: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether kernels/gemm.cu takes x [..., K] or [n, M, K] against W [N, K] or [n, N, K]: 16-bit,
+    same dtype, K-contiguous rows of whole 16-byte vectors, W contiguous, N even."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or W.dtype != x.dtype or not W.is_contiguous():
+        return False
+    K, N = W.shape[-1], W.shape[-2]
+    return x.shape[-1] == K and K % 8 == 0 and N % 2 == 0 and x.stride(-1) == 1 \
+        and all(st % 8 == 0 for st in x.stride()[:-1]) and x.data_ptr() % 16 == 0 and W.data_ptr() % 16 == 0
+
+
+def gemm(K, x: torch.Tensor, W: torch.Tensor, res: torch.Tensor | None = None, out_f32: bool = False):
+    """x W^T (+ res) through kernels/gemm.cu (check `gemm_fits` first). Either x [..., K] and W [N, K]
+    -> [..., N], or batched x [n, M, K] (any row and batch strides) and W [n, N, K] -> [n, M, N].
+    res is shaped like the output and in its dtype (the inputs' one, or fp32 with out_f32)."""
+    N, Kd = W.shape[-2], W.shape[-1]
+    if W.dim() == 3:
+        n, M = W.shape[0], x.shape[1]
+        if x.dim() != 3 or x.shape[0] != n:
+            raise ValueError(f"gemm: batched inputs {list(x.shape)} against weights {list(W.shape)}")
+        x3, out_shape = x, (n, M, N)
+    else:
+        n, lead = 1, x.shape[:-1]
+        x2 = x.reshape(-1, Kd)  # a view where the leading dimensions allow it
+        M = x2.shape[0]
+        x3, out_shape = x2.unsqueeze(0), (*lead, N)
+    y = torch.empty(out_shape, dtype=torch.float32 if out_f32 else x.dtype, device=x.device)
+    if res is not None:
+        res = _c(res)
+        if res.shape != y.shape or res.dtype != y.dtype:
+            raise ValueError(f"gemm: residual {list(res.shape)} {res.dtype} for output {list(y.shape)} {y.dtype}")
+    tiles = n * -(-M // GEMM_TILE) * -(-N // GEMM_TILE)
+    if tiles:
+        K.get(f"gemm_{SUFFIX[x.dtype]}")(tiles, 128, x3, W, res, y, M, N, Kd, x3.stride(1), x3.stride(0),
+                                         N * Kd if W.dim() == 3 else 0, N, M * N, int(out_f32), smem=GEMM_SMEM)
+    return y
+
+
 def wkv7_prep(K, r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):
     """[R, C] (or [B, T, C]) inputs -> fp32 r, d, kk, kw, vw, beta shaped like k."""
     C = k.shape[-1]

@@ -19,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-SOURCES = ("layernorm", "gemv", "rwkv7", "rwkv4", "sampling")
+SOURCES = ("layernorm", "gemv", "gemm", "rwkv7", "rwkv4", "sampling")
 HEADERS = ("common.cuh",)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math", "-DNDEBUG")
 
@@ -36,6 +36,7 @@ SIGNATURES = {
     "checked_ids": "pppp" + "i",
     "penalized_softmax": "pppppppp" + "i",
     "nucleus_draw": "ppppppppppppp" + "i",
+    "gemm": "pppp" + "iiii" + "lli" + "li",  # l: a 64-bit integer (long long)
 }
 # The source (kernels/<module>.cu) of each kernel family.
 MODULE_OF = {
@@ -43,9 +44,12 @@ MODULE_OF = {
     "wkv7_prep": "rwkv7", "wkv7_post": "rwkv7", "wkv7_step": "rwkv7", "wkv7_seq": "rwkv7",
     "wkv4_seq": "rwkv4", "wkv4_step": "rwkv4",
     "checked_ids": "sampling", "penalized_softmax": "sampling", "nucleus_draw": "sampling",
+    "gemm": "gemm",
 }
 # one variant, not one per activation dtype
 UNSUFFIXED = ("wkv7_seq", "wkv4_seq", "checked_ids", "penalized_softmax", "nucleus_draw")
+# 16-bit variants only (tensor-core products)
+HALF_ONLY = ("gemm",)
 
 # Launched as programmatic dependents too (besides gemv): the decoding steps, which read only their
 # own state rows (written by an earlier decoding step, complete before this one began) and
@@ -110,7 +114,7 @@ class Kernel:
         self.driver, self.func, self.name = driver, func, name
         # programmatic dependent launch: see _launch
         self.config = _dependent_launch_config(driver) if dependent else None
-        codes = {"p": "Q", "i": "i", "f": "f"}
+        codes = {"p": "Q", "i": "i", "l": "q", "f": "f"}
         fmt, offsets = "@", []
         for code in sig:
             nxt = fmt + codes[code]
@@ -289,7 +293,8 @@ class Kernels:
         import struct as _struct
 
         for family in SIGNATURES:
-            for suffix in ("f16", "bf16", "f32") if family not in UNSUFFIXED else ("",):
+            suffixes = ("",) if family in UNSUFFIXED else ("f16", "bf16") if family in HALF_ONLY else ("f16", "bf16", "f32")
+            for suffix in suffixes:
                 with torch_device(self.device_index):
                     self.get(f"{family}_{suffix}" if suffix else family)
         for dt in ("f16", "bf16"):

@@ -9,9 +9,15 @@ batched product (`stack_lora_up3`) and g's on its own, `wkv7_prep` (steps 3-7 fo
 `wkv7_seq` (the recurrence, state carried, one launch for the whole chunk), `wkv7_post`
 (GroupNorm, bonus, gate) for the positions that are kept, the output product. RWKV-4: `ln_mix`,
 products (k and v as one batched product with fp32 output), `wkv4_seq`, output product.
+
+The products run on cuBLAS, except for models small enough that cuBLAS's workspace (32 MiB a
+stream on Hopper, allocated at its first call) would be a large part of their memory: those use
+kernels/gemm.cu (`own_gemm`), which needs none. At 0.1B the prompts are host-bound either way.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +26,43 @@ from ..models.rwkv7 import stack_lora_up3
 from ..ops import bmm_fp32_out, linear_fp32_out
 from . import kops
 
+# Weights under 20 workspaces (640 MiB: v7 0.1B, v4 169M) take kernels/gemm.cu, where the workspace
+# would be over 5% of them. RWKV_GEMM=cublas or =own overrides the choice (A/B measurements).
+OWN_GEMM_BELOW = 20 * 32 * 2**20
+
+
+def own_gemm(net) -> bool:
+    """Whether `net`'s prompt products (and the head's) run on kernels/gemm.cu instead of cuBLAS."""
+    flag = getattr(net, "_own_gemm", None)
+    if flag is None:
+        choice = os.environ.get("RWKV_GEMM", "")
+        flag = choice == "own" or (choice != "cublas" and net.weights_nbytes() < OWN_GEMM_BELOW)
+        net._own_gemm = flag
+    return flag
+
+
+def linear(K, net, x, W, res=None, out_f32: bool = False):
+    """x W^T (+ res, [..., N] like the output): one call either way (cuBLAS adds res with beta = 1,
+    summed in fp32 before rounding, like kernels/gemm.cu)."""
+    if own_gemm(net) and kops.gemm_fits(x, W):
+        return kops.gemm(K, x, W, None if res is None else res.contiguous(), out_f32)
+    if out_f32:
+        return linear_fp32_out(x, W) if res is None else linear_fp32_out(x, W) + res
+    if res is None:
+        return F.linear(x, W)
+    O, In = W.shape
+    return torch.addmm(res.reshape(-1, O), x.reshape(-1, In), W.t()).view(*x.shape[:-1], O)
+
+
+def bmm(K, net, x, W, out_f32: bool = False):
+    """x [n, M, K] @ W [n, N, K]^T -> [n, M, N]."""
+    if own_gemm(net) and kops.gemm_fits(x, W):
+        return kops.gemm(K, x, W, out_f32=out_f32)
+    return bmm_fp32_out(x, W) if out_f32 else torch.bmm(x, W.transpose(1, 2))
+
 
 def _last(t: torch.Tensor, keep: int) -> torch.Tensor:
     return t if keep == t.shape[1] else t[:, -keep:].contiguous()
-
-
-def add_product(res: torch.Tensor, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """res + h W^T as one cuBLAS call (beta = 1, summed in fp32 before rounding): [B, T, I] and
-    [B, T, O] -> [B, T, O]. One host call instead of a product and an add."""
-    O, In = W.shape
-    return torch.addmm(res.reshape(-1, O), h.reshape(-1, In), W.t()).view(*h.shape[:-1], O)
 
 
 def time_mix7(K, net, lw, x, st, v_first, keep: int):
@@ -44,25 +77,26 @@ def time_mix7(K, net, lw, x, st, v_first, keep: int):
     first = lw.v0 is None
     if lw.W_rkv is not None:  # batched products over stacked weights: their host time is the cost
         rows = mixes.view(6, B * T, C)
-        r, k, v = torch.bmm(rows[:3], lw.W_rkv.transpose(1, 2)).view(3, B, T, C).unbind(0)
-        down = torch.bmm(rows[2:], lw.lora_down.transpose(1, 2))  # inputs v, w, a, g: [4, B*T, D]
+        r, k, v = bmm(K, net, rows[:3], lw.W_rkv).view(3, B, T, C).unbind(0)
+        down = bmm(K, net, rows[2:], lw.lora_down)  # inputs v, w, a, g: [4, B*T, D]
         del rows, mixes
         kops.act_inplace(K, down[1], kops.ACT_TANH, down[3], kops.ACT_SIGMOID)
         up = stack_lora_up3(lw)  # v, w, a as one product; g (the widest) on its own
-        vz, wz, az = torch.bmm(down[:3, :, : up.shape[2]], up.transpose(1, 2)).view(3, B, T, C).unbind(0)
+        vz, wz, az = bmm(K, net, down[:3, :, : up.shape[2]], up).view(3, B, T, C).unbind(0)
         vz = None if first else vz
         hg = down[3].view(B, T, -1)[..., : lw.g2.shape[1]]
         del down
     else:
         xr, xk, xv, xw, xa, xg = mixes.unbind(0)
         del mixes
-        r, k, v = F.linear(xr, lw.W_r), F.linear(xk, lw.W_k), F.linear(xv, lw.W_v)
-        hw, ha, hg = F.linear(xw, lw.w1), F.linear(xa, lw.a1), torch.sigmoid(F.linear(_last(xg, keep), lw.g1))
-        hv = None if first else F.linear(xv, lw.v1)
+        lin = lambda h, W: linear(K, net, h, W)  # noqa: E731
+        r, k, v = lin(xr, lw.W_r), lin(xk, lw.W_k), lin(xv, lw.W_v)
+        hw, ha, hg = lin(xw, lw.w1), lin(xa, lw.a1), torch.sigmoid(lin(_last(xg, keep), lw.g1))
+        hv = None if first else lin(xv, lw.v1)
         del xr, xk, xv, xw, xa, xg
-        wz = F.linear(torch.tanh(hw), lw.w2)
-        az = F.linear(ha, lw.a2)
-        vz = None if first else F.linear(hv, lw.v2)
+        wz = lin(torch.tanh(hw), lw.w2)
+        az = lin(ha, lw.a2)
+        vz = None if first else lin(hv, lw.v2)
         del hw, ha, hv
     r32, d, kk, kw, vw, beta = kops.wkv7_prep(K, r, k, v, wz, az, vz, None if first else v_first.contiguous(),
                                               lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H)
@@ -72,20 +106,20 @@ def time_mix7(K, net, lw, x, st, v_first, keep: int):
     del v
     y, wkv = kops.wkv7_seq(K, st.wkv.contiguous(), r32, d, kk, kw, beta, vw)
     del d, kk, beta
-    g = F.linear(hg[:, -keep:], lw.g2)  # sigmoid already applied
+    g = linear(K, net, hg[:, -keep:], lw.g2)  # sigmoid already applied
     out = kops.wkv7_post(K, *(_last(t, keep) for t in (y, r32, kw, vw)), g, lw.r_k, *lw.ln_x, H)
     del y, r32, kw, vw, g
-    return add_product(x[:, -keep:], out, lw.W_o), shift, wkv, v_first
+    return linear(K, net, out, lw.W_o, res=x[:, -keep:]), shift, wkv, v_first
 
 
 def channel_mix7(K, net, lw, x, st):
     """RWKV7.channel_mix: returns (x + the channel-mix output, ffn_shift)."""
     C = x.shape[-1]
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.ffn_shift, *lw.ln2, lw.ffn_mix.view(1, C), v4_order=False)
-    hidden = F.linear(mixes[0], lw.ffn_key)
+    hidden = linear(K, net, mixes[0], lw.ffn_key)
     del mixes
     kops.act_inplace(K, hidden, kops.ACT_RELU_SQUARE)
-    return add_product(x, hidden, lw.ffn_value), shift
+    return linear(K, net, hidden, lw.ffn_value, res=x), shift
 
 
 def time_mix4(K, net, lw, x, st, keep: int):
@@ -93,21 +127,21 @@ def time_mix4(K, net, lw, x, st, keep: int):
     C = x.shape[-1]
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.att_shift, *lw.ln1, lw.att_mix.view(3, C), v4_order=True)
     xk, xv, xr = mixes.unbind(0)
-    r = torch.sigmoid(F.linear(xr[:, -keep:], lw.W_r))
+    r = torch.sigmoid(linear(K, net, xr[:, -keep:], lw.W_r))
     if lw.W_kv is not None:  # k and v in one batched product (fp32 out: they feed exp())
         B, T, _ = x.shape
-        k, v = bmm_fp32_out(mixes[:2].view(2, B * T, C), lw.W_kv).view(2, B, T, -1).unbind(0)
+        k, v = bmm(K, net, mixes[:2].view(2, B * T, C), lw.W_kv, out_f32=True).view(2, B, T, -1).unbind(0)
     else:
-        k, v = linear_fp32_out(xk, lw.W_k), linear_fp32_out(xv, lw.W_v)
+        k, v = linear(K, net, xk, lw.W_k, out_f32=True), linear(K, net, xv, lw.W_v, out_f32=True)
     y, num, den, mx = kops.wkv4_seq(K, lw.decay, lw.bonus, k.contiguous(), v.contiguous(),
                                     st.wkv_num.contiguous(), st.wkv_den.contiguous(), st.wkv_max.contiguous())
-    return F.linear(r * y[:, -keep:].to(x.dtype), lw.W_o), shift, num, den, mx
+    return linear(K, net, r * y[:, -keep:].to(x.dtype), lw.W_o), shift, num, den, mx
 
 
 def channel_mix4(K, net, lw, x, st):
     C = x.shape[-1]
     mixes, shift = kops.ln_mix(K, x.contiguous(), st.ffn_shift, *lw.ln2, lw.ffn_mix.view(2, C), v4_order=True)
     xk, xr = mixes.unbind(0)
-    r, hidden = F.linear(xr, lw.ffn_receptance), F.linear(xk, lw.ffn_key)
+    r, hidden = linear(K, net, xr, lw.ffn_receptance), linear(K, net, xk, lw.ffn_key)
     kops.act_inplace(K, hidden, kops.ACT_RELU_SQUARE, r, kops.ACT_SIGMOID)
-    return r * F.linear(hidden, lw.ffn_value), shift
+    return r * linear(K, net, hidden, lw.ffn_value), shift

@@ -161,3 +161,12 @@ def wkv4_step(w, u, k, v, r, num, den, mx):
 
     y, num, den, mx = step(w, u, k, v, num, den, mx)
     return (r.float() * y).to(r.dtype), num, den, mx
+
+
+def gemm(x, W, res=None, out_f32: bool = False):
+    """kernels/gemm.cu: x [..., K] @ W [N, K]^T, or batched [n, M, K] @ [n, N, K]^T, summed in fp32,
+    plus res, rounded once to the inputs' dtype (or left in fp32)."""
+    y = torch.matmul(x.float(), W.float().transpose(-1, -2))
+    if res is not None:
+        y = y + res.float()
+    return y if out_f32 else y.to(x.dtype)

@@ -154,6 +154,11 @@ class RWKVBase:
         if not full_output:
             x = x[:, -1]
         x = F.layer_norm(x, (self.cfg.n_embd,), *self.ln_out)
+        K = self._kernels()
+        if K is not None:  # the prompt's products decide between cuBLAS and kernels/gemm.cu
+            from ..cuda.prefill import linear as gpu_linear
+
+            return gpu_linear(K, self, x, self.head), state
         return linear(x, self.head), state
 
     # -- the CPU decoding step in NumPy -----------------------------------------------------------
