@@ -37,12 +37,15 @@ def kl(logits, ref):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("B,T", [(1, 37), (3, 37), (2, 301), (6, 21)])
-def test_cuda_matches_cpu_fp32(make_ckpt, shape, dtype, B, T):
+@pytest.mark.parametrize("products", ["gemm", "cublas"])
+def test_cuda_matches_cpu_fp32(make_ckpt, shape, dtype, B, T, products):
     """Prompt (odd lengths; 301 crosses the GPU prefill chunk) then 8 graph-replayed steps; B = 6
-    decodes through cuBLAS (batched products) instead of the gemv kernel (B <= 4)."""
+    decodes through cuBLAS (batched products) instead of the gemv kernel (B <= 4). The prompt's
+    products run on kernels/gemm.cu (what these small models get) or on cuBLAS (bigger models)."""
     logit_tol, kl_tol, state_tol = TOLERANCES[dtype]
     path = make_ckpt(*shape)
     cpu, gpu = load_model(path, "cpu", "fp32"), load_model(path, "cuda", dtype)
+    gpu.net._own_gemm = products == "gemm"
     toks = tokens(B, T + 8, shape[3])
     ref_logits, ref_state = cpu.forward(toks[:, :T])
     logits, state = gpu.forward(toks[:, :T])
@@ -166,6 +169,32 @@ def test_decode_memory_within_weights_states_and_10_percent(make_ckpt):
     assert extra <= 0.10 * weights + 3 * state.nbytes
 
 
+@needs_gpu
+@pytest.mark.gpu
+def test_prompt_memory_within_weights_states_and_10_percent(make_ckpt):
+    """A long prompt (several GPU chunks) of a small model needs at most 10% of the weights beyond
+    them and the states: its products run on kernels/gemm.cu, so cuBLAS's workspace (32 MiB on
+    Hopper, 11% of these weights) is never allocated."""
+    from rwkv_cli.cuda import loader
+
+    assert loader.kernels_for(torch.device("cuda")) is not None, loader.status()
+    path = make_ckpt("7", 6, 768, 65536)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    model = load_model(path, "cuda", "fp16")
+    weights = torch.cuda.memory_allocated() - start
+    prompt = tokens(1, 3 * model.net.gpu_prefill_chunk() + 17, 65536)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _, state = model.forward(prompt)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    print(f"\nprompt memory: weights {weights / 2**20:.1f} MiB, extra {extra / 2**20:.2f} MiB")
+    assert model.net._own_gemm
+    assert extra <= 0.10 * weights + 3 * state.nbytes
+
+
 def test_missing_nvrtc_falls_back_with_one_notice(make_ckpt, monkeypatch, capfd):
     """Simulated missing cuda-bindings/NVRTC: one line on stderr, then the PyTorch path (on a GPU,
     checked to give the same numbers as the CPU within the fp16 tolerance)."""
@@ -213,11 +242,14 @@ def cuda_reference(make_ckpt, tmp_path_factory):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cuda_matches_reference_cuda_fp16(cuda_reference, make_ckpt, shape):
-    """Our fp16 engine, both prompts as one batch of 2, against the reference run per prompt."""
+@pytest.mark.parametrize("products", ["gemm", "cublas"])
+def test_cuda_matches_reference_cuda_fp16(cuda_reference, make_ckpt, shape, products):
+    """Our fp16 engine, both prompts as one batch of 2, against the reference run per prompt, the
+    prompt's products on kernels/gemm.cu or on cuBLAS."""
     toks, refs = cuda_reference[shape]
     path = make_ckpt(*shape)
     gpu, cpu = load_model(path, "cuda", "fp16"), load_model(path, "cpu", "fp32")
+    gpu.net._own_gemm = products == "gemm"
     logits, state = gpu.forward(toks[:, :37])
     cpu_logits, cpu_state = cpu.forward(toks[:, :37])
     for b in range(2):
