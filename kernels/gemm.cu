@@ -9,8 +9,8 @@
 // memory by cp.async, two stages so the next step's loads overlap this one's products. Fragments
 // come from ldmatrix: rows are 40 values (80 bytes) apart, so the eight rows an ldmatrix phase
 // reads fall in distinct banks. Rows beyond M or N and columns beyond K are zero-filled
-// (cp.async with a source size of 0), so any M and N work; K, ldx and the strides must be
-// multiples of 8 (16-byte rows), which the launcher checks.
+// (cp.async with a source size of 0), so any M and N work (an odd N is stored value by value);
+// K, ldx and the input strides must be multiples of 8 (16-byte rows), which the launcher checks.
 // Twin: x.float() @ W.float().T (+ res) (tests/test_cuda_kernels.py).
 #include "common.cuh"
 
@@ -122,12 +122,25 @@ __device__ void gemm_impl(const u16* __restrict__ x, const u16* __restrict__ W, 
                 if (col >= N) continue;
                 float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
                 const size_t at = zy + (size_t)row * ldy + col;
-                if (out_f32) {
-                    if (res) { const float2 r = *(const float2*)((const float*)res + at); v0 += r.x; v1 += r.y; }
-                    *(float2*)((float*)y + at) = make_float2(v0, v1);
-                } else {
-                    if (res) { const u32 r = *(const u32*)((const u16*)res + at); v0 += S::lo(r); v1 += S::hi(r); }
-                    *(u32*)((u16*)y + at) = (u32)S::store(v0) | ((u32)S::store(v1) << 16);
+                if (!(ldy & 1) && col + 1 < N) {  // both values, one aligned pair
+                    if (out_f32) {
+                        if (res) { const float2 r = *(const float2*)((const float*)res + at); v0 += r.x; v1 += r.y; }
+                        *(float2*)((float*)y + at) = make_float2(v0, v1);
+                    } else {
+                        if (res) { const u32 r = *(const u32*)((const u16*)res + at); v0 += S::lo(r); v1 += S::hi(r); }
+                        *(u32*)((u16*)y + at) = (u32)S::store(v0) | ((u32)S::store(v1) << 16);
+                    }
+                } else {  // an odd row length (a vocabulary of 50277): one value at a time
+                    for (int e = 0; e < 2 && col + e < N; ++e) {
+                        float v = e ? v1 : v0;
+                        if (out_f32) {
+                            if (res) v += ((const float*)res)[at + e];
+                            ((float*)y)[at + e] = v;
+                        } else {
+                            if (res) v += S::load(((const u16*)res)[at + e]);
+                            ((u16*)y)[at + e] = S::store(v);
+                        }
+                    }
                 }
             }
         }

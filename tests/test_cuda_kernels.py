@@ -75,12 +75,12 @@ def test_act_inplace(K, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemm_matches_twin(K, dtype):
-    """kernels/gemm.cu against twins.gemm: tails in M, N and K, one row, batched products over
+    """kernels/gemm.cu against twins.gemm: tails in M, N and K, odd N, one row, batched products over
     strided views (as prefill.py passes them), the residual, fp32 outputs."""
     from rwkv_cli.cuda import kops, twins
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for M, N, Kd in ((1, 65536, 768), (37, 72, 40), (300, 776, 768), (64, 64, 32), (129, 130, 3072), (5, 2, 8)):
+    for M, N, Kd in ((1, 65536, 768), (37, 72, 40), (300, 776, 768), (64, 64, 32), (129, 130, 3072), (5, 2, 8), (3, 50277, 768), (70, 65, 16)):
         x, W = randn(M, Kd, dtype=dtype, gen=gen), randn(N, Kd, dtype=dtype, scale=Kd ** -0.5, gen=gen)
         assert kops.gemm_fits(x, W)
         assert rel_err(kops.gemm(K, x, W), twins.gemm(x, W)) <= HALF_TOL[dtype]

@@ -187,11 +187,11 @@ GEMM_SMEM = 2 * (64 + 64) * 40 * 2  # its dynamic shared memory: two stages of p
 
 def gemm_fits(x: torch.Tensor, W: torch.Tensor) -> bool:
     """Whether kernels/gemm.cu takes x [..., K] or [n, M, K] against W [N, K] or [n, N, K]: 16-bit,
-    same dtype, K-contiguous rows of whole 16-byte vectors, W contiguous, N even."""
+    same dtype, K-contiguous rows of whole 16-byte vectors, W contiguous."""
     if x.dtype not in (torch.float16, torch.bfloat16) or W.dtype != x.dtype or not W.is_contiguous():
         return False
-    K, N = W.shape[-1], W.shape[-2]
-    return x.shape[-1] == K and K % 8 == 0 and N % 2 == 0 and x.stride(-1) == 1 \
+    K = W.shape[-1]
+    return x.shape[-1] == K and K % 8 == 0 and x.stride(-1) == 1 \
         and all(st % 8 == 0 for st in x.stride()[:-1]) and x.data_ptr() % 16 == 0 and W.data_ptr() % 16 == 0
 
 
