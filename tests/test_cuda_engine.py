@@ -143,19 +143,23 @@ def test_deep_rwkv4_fp16_on_gpu(tmp_path):
     assert_close_to_reference(logits.cpu(), ref_logits, "deep fp16 step logits", rel=0.02)
 
 
+def load_measured(path):
+    """(fp16 model on the GPU with its kernels loaded, bytes its weights took)."""
+    from rwkv_cli.cuda import loader
+
+    assert loader.kernels_for(torch.device("cuda")) is not None, loader.status()
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    model = load_model(path, "cuda", "fp16")
+    return model, torch.cuda.memory_allocated() - start
+
+
 @needs_gpu
 @pytest.mark.gpu
 def test_decode_memory_within_weights_states_and_10_percent(make_ckpt):
     """While decoding, memory beyond the weights is the states (the caller's, the graph's static
     one and the fresh one handed out) plus at most 10% of the weights."""
-    from rwkv_cli.cuda import loader
-
-    assert loader.kernels_for(torch.device("cuda")) is not None, loader.status()
-    path = make_ckpt("7", 6, 768, 65536)
-    torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    model = load_model(path, "cuda", "fp16")
-    weights = torch.cuda.memory_allocated() - start
+    model, weights = load_measured(make_ckpt("7", 6, 768, 65536))
     _, state = model.forward(tokens(1, 100, 65536))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -175,14 +179,7 @@ def test_prompt_memory_within_weights_states_and_10_percent(make_ckpt):
     """A long prompt (several GPU chunks) of a small model needs at most 10% of the weights beyond
     them and the states: its products run on kernels/gemm.cu, so cuBLAS's workspace (32 MiB on
     Hopper, 11% of these weights) is never allocated."""
-    from rwkv_cli.cuda import loader
-
-    assert loader.kernels_for(torch.device("cuda")) is not None, loader.status()
-    path = make_ckpt("7", 6, 768, 65536)
-    torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    model = load_model(path, "cuda", "fp16")
-    weights = torch.cuda.memory_allocated() - start
+    model, weights = load_measured(make_ckpt("7", 6, 768, 65536))
     prompt = tokens(1, 3 * model.net.gpu_prefill_chunk() + 17, 65536)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
