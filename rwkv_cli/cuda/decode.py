@@ -24,6 +24,7 @@ import torch
 
 from ..models.rwkv7 import stack_lora_up
 from . import kops
+from .graph import side_stream
 from .twins import Seg, gemv_torch
 
 OUT_ACT = {1: kops.ACT_RELU_SQUARE, 2: kops.ACT_SIGMOID}  # Seg.out_act -> act_inplace's act
@@ -130,7 +131,7 @@ def build_step7(net, K, src, dst, tokens, logits):
         r, k, v, wz, az, vz, g, vf, y = (b.buf(B, C) for _ in range(9))
     hidden = b.buf(B, net.layers[0].ffn_key.shape[0])
 
-    side = torch.cuda.Stream(b.dev) if batched and b.dev.type == "cuda" else None  # the LoRA branch
+    side = side_stream(b.dev, "lora") if batched and b.dev.type == "cuda" else None  # the LoRA branch
 
     def lora_batched(lw):
         """mixes -> r, k, v and the LoRA outputs vz, wz, az, g (tanh on w's hidden lanes and
