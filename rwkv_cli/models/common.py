@@ -128,8 +128,9 @@ class RWKVBase:
 
     def gpu_prefill_chunk(self) -> int:
         """Prompt chunk length on a GPU: long enough to amortise the host's ~16 calls a layer and
-        chunk, while the temporaries (at most ~48 * C bytes a token, measured on an H100 at the
-        peak, inside `wkv7_prep`) stay within ~7% of the weights' memory. A power of two."""
+        chunk, while the temporaries (RWKV-7's peak, inside `wkv7_prep`: about 48 * C bytes a token
+        on an H100, 46-49 at 1.5B, plus a few MiB) stay within ~7% of the weights' memory. A power
+        of two."""
         if getattr(self, "_gpu_chunk", None) is None:
             tokens = int(0.07 * self.weights_nbytes() / (48 * self.cfg.n_embd))
             self._gpu_chunk = max(256, min(4096, 1 << max(0, tokens.bit_length() - 1)))
