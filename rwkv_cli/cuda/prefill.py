@@ -42,12 +42,12 @@ def own_gemm(net) -> bool:
 
 
 def linear(K, net, x, W, res=None, out_f32: bool = False):
-    """x W^T (+ res, [..., N] like the output): one call either way (cuBLAS adds res with beta = 1,
-    summed in fp32 before rounding, like kernels/gemm.cu)."""
+    """x W^T (+ res, [..., N] like the output; 16-bit outputs only), or fp32 out (no res): one call
+    either way (cuBLAS adds res with beta = 1, summed in fp32 before rounding, like kernels/gemm.cu)."""
     if own_gemm(net) and kops.gemm_fits(x, W):
         return kops.gemm(K, x, W, None if res is None else res.contiguous(), out_f32)
     if out_f32:
-        return linear_fp32_out(x, W) if res is None else linear_fp32_out(x, W) + res
+        return linear_fp32_out(x, W)
     if res is None:
         return F.linear(x, W)
     O, In = W.shape
