@@ -296,8 +296,10 @@ def run_kernels(args) -> None:
     S = torch.zeros(1, H, N, N, device="cuda")
     f = lambda t: t.reshape(1, T, C).contiguous()  # noqa: E731
     prepared = (f(r), f(torch.exp(ld)), f(kk), f(k), f(kk * a), f(v))
-    row(f"wkv7_seq: T={T}, H={H} (prefill recurrence, one layer)", time_cuda(lambda: kops.wkv7_seq(K, S, *prepared), 2),
-        time_cuda(lambda: wkv7_sequence(S, r, ld, k, v, kk, a), 2))
+    twin_ms = time_cuda(lambda: wkv7_sequence(S, r, ld, k, v, kk, a), 2)
+    for name in ("wkv7_chunk", "wkv7_seq"):
+        row(f"{name}: T={T}, H={H} (prefill recurrence, one layer)",
+            time_cuda(lambda name=name: kops.wkv7_seq(K, S, *prepared, kernel=name), 2), twin_ms)
     # RWKV-4 prefill recurrence
     w, u = -torch.exp(torch.randn(C, device="cuda")), torch.randn(C, device="cuda")
     k4, v4 = torch.randn(1, T, C, device="cuda"), torch.randn(1, T, C, device="cuda")

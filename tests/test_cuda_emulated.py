@@ -119,8 +119,8 @@ class FakeKernels:
     (twins.gemv_torch) with a separate ln_mix launch; otherwise gemv launches run FakeGemv."""
 
     max_smem = 0
-    fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_post": wkv7_post,
-           "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace,
+    fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_chunk": wkv7_seq,
+           "wkv7_post": wkv7_post, "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace,
            "gemm": gemm}
 
     def get(self, name):
@@ -155,7 +155,7 @@ def test_signatures_match_the_cuda_sources():
     found = {}
     for path in KERNELS.glob("*.cu"):
         text = re.sub(r"//[^\n]*", "", path.read_text()).replace("\\\n", " ")
-        for name, params in re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?([\w#]+)\(([^)]*)\)", text):
+        for name, params in re.findall(r"__global__ void (?:__launch_bounds__\([\d, ]+\) )?([\w#]+)\(([^)]*)\)", text):
             found[name.replace("##SUF", "")] = _signature_kinds(params)
     for family, sig in loader.SIGNATURES.items():
         names = [n for n in found if n.rstrip("_") == family or n.startswith(family + "_") or n == family]

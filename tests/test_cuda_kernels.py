@@ -198,15 +198,17 @@ def _v7_sequence_inputs(B, T, H, gen):
     return S, r, log_decay, k, v, kk, a
 
 
-@pytest.mark.parametrize("T", [1, 17, 100])
-def test_wkv7_sequence_matches_twin(K, T):
-    """The prefill recurrence with a carried-in state (fla #351's failure case) and state out."""
+@pytest.mark.parametrize("kernel", ["wkv7_chunk", "wkv7_seq"])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 100, 300])
+def test_wkv7_sequence_matches_twin(K, T, kernel):
+    """The prefill recurrence with a carried-in state (fla #351's failure case) and state out, on
+    both kernels: chunks of 16 tokens (whole, partial, several) and token by token."""
     from rwkv_cli.cuda import kops
     from rwkv_cli.wkv import wkv7_sequence
 
     gen = torch.Generator(device="cuda").manual_seed(T)
     inputs = _v7_sequence_inputs(2, T, 3, gen)
-    y, S = kops.wkv7_sequence(K, *inputs)
+    y, S = kops.wkv7_sequence(K, *inputs, kernel=kernel)
     y_ref, S_ref = wkv7_sequence(*inputs)
     assert rel_err(y, y_ref) <= 1e-4
     assert rel_err(S, S_ref) <= 1e-4

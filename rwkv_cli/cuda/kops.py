@@ -6,6 +6,7 @@ Inputs must be contiguous; [B, T, C] tensors are treated as R = B*T rows of C ch
 
 from __future__ import annotations
 
+import os
 import struct
 
 import torch
@@ -27,6 +28,10 @@ GEMV_MAX_KS = 8  # warps sharing a row pair (1, 2, 4, 8)
 GEMV_BLOCKS_PER_SM = 2  # MINB: blocks a multiprocessor holds at once; a launch is one wave of them
 GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (tests, emulation)
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
+# A prompt's RWKV-7 recurrence: "wkv7_chunk" (16 tokens at a time), or "wkv7_seq" (token by token)
+# with RWKV_WKV7_SEQ=serial, for A/B measurements.
+WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4  # kernels/rwkv7.cu sizeof(ChunkSmem)
+WKV7_SEQ_KERNEL = "wkv7_seq" if os.environ.get("RWKV_WKV7_SEQ") == "serial" else "wkv7_chunk"
 _sm_counts: dict[int, int] = {}
 
 
@@ -232,24 +237,30 @@ def wkv7_prep(K, r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):
     return outs
 
 
-def wkv7_seq(K, S, r, d, kk, kw, beta, vw):
-    """Prepared fp32 [B, T, C] vectors, S [B, H, N, N] fp32 -> (y [B, T, C] fp32, new S)."""
+def wkv7_seq(K, S, r, d, kk, kw, beta, vw, kernel: str | None = None):
+    """Prepared fp32 [B, T, C] vectors, S [B, H, N, N] fp32 -> (y [B, T, C] fp32, new S), through
+    `kernel` ("wkv7_chunk" or "wkv7_seq"; WKV7_SEQ_KERNEL by default)."""
     B, H, N, _ = S.shape
     if N != HEAD_SIZE:
         raise ValueError(f"wkv7_seq is written for head size {HEAD_SIZE}")
     T = r.shape[1]
     y = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     S_out = torch.empty_like(S)
-    K.get("wkv7_seq")(B * H * 4, 64, *map(_c, (r, d, kk, kw, beta, vw, S)), S_out, y, T, H, smem=WKV7_SEQ_SMEM)
+    args = (*map(_c, (r, d, kk, kw, beta, vw, S)), S_out, y, T, H)
+    if (kernel or WKV7_SEQ_KERNEL) == "wkv7_chunk":
+        K.get("wkv7_chunk")(B * H * 4, 128, *args, smem=WKV7_CHUNK_SMEM)
+    else:
+        K.get("wkv7_seq")(B * H * 4, 64, *args, smem=WKV7_SEQ_SMEM)
     return y, S_out
 
 
-def wkv7_sequence(K, S, r, log_decay, k, v, kk, a):
+def wkv7_sequence(K, S, r, log_decay, k, v, kk, a, kernel: str | None = None):
     """Same inputs and outputs as `rwkv_cli.wkv.wkv7_sequence` ([B, T, H, N]), through the kernel."""
     B, T, H, N = r.shape
     f = lambda t: t.float().reshape(B, T, H * N).contiguous()  # noqa: E731
     kk32 = f(kk)
-    y, S = wkv7_seq(K, S.float().contiguous(), f(r), f(torch.exp(log_decay.float())), kk32, f(k), kk32 * f(a), f(v))
+    y, S = wkv7_seq(K, S.float().contiguous(), f(r), f(torch.exp(log_decay.float())), kk32, f(k), kk32 * f(a), f(v),
+                    kernel)
     return y.view(B, T, H, N), S
 
 
