@@ -196,10 +196,13 @@ extern "C" __global__ void __launch_bounds__(64) wkv7_seq(
 // of one dependent update a token. Decays lie in (0.545, 1), so 1 / D_u <= 0.545^-16 ~ 1.6e4 and
 // every product of a D and a 1 / D is a ratio <= 1: nothing overflows, and each term keeps fp32's
 // relative precision.
-// grid: (B * H * 4) blocks of 128 threads; block = (b, h, 16 rows of S). Thread (p, g): row
-// part * 16 + p, columns 4g..4g+3 and 32+4g..32+4g+3 (as in wkv7_seq). The next chunk's inputs are
-// fetched into registers while this one is computed. Dynamic shared memory: sizeof(ChunkSmem),
-// WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4 = 28416 bytes.
+// The matrices come first, for every chunk at once (wkv7_chunk_mats, a block per (b, h, chunk));
+// wkv7_chunk then carries the state through the chunks: a block per (b, h, 16 rows of S), 128
+// threads, thread (p, g) holding row part * 16 + p, columns 4g..4g+3 and 32+4g..32+4g+3 (as in
+// wkv7_seq), with the next chunk's inputs and matrices fetched into registers while this one is
+// computed. Both stage a chunk the same way (`fetch_chunk`, `store_decayed`). Dynamic shared
+// memory: sizeof(ChunkSmem), WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4
+// = 28416 bytes. The matrices travel through a buffer of B * H * chunks * 4 * 16 * 16 floats.
 #define CH 16
 #define NP (N + 4)  // padded rows: float4 reads of 8 different rows fall in different banks
 #define GP 20       // the same for the [CH, CH] matrices' rows (float4-aligned)
@@ -221,6 +224,7 @@ __device__ __forceinline__ float dot4(float acc, const float4& a, const float4& 
 __device__ __forceinline__ void axpy8(float4& u, float v, const float4& w, float m, const float4& b) {
     u.x += v * w.x + m * b.x; u.y += v * w.y + m * b.y; u.z += v * w.z + m * b.z; u.w += v * w.w + m * b.w;
 }
+
 // x[16]: this thread's partial sums for each t; the 8 threads of a row trade halves (14 shuffles in
 // all) so that thread g ends with the row's full sums for t = g (in x[0]) and t = g + 8 (in x[8]).
 __device__ __forceinline__ void reduce_to_owner(float (&x)[CH], int g) {
@@ -237,9 +241,94 @@ __device__ __forceinline__ void reduce_to_owner(float (&x)[CH], int g) {
     }
 }
 
+// Thread (j, hi) = (tid & 63, tid >> 6) stages key channel j of the five vectors for the chunk's
+// first (hi = 0) or second 8 tokens; tokens past T are inert (no decay, nothing written or read).
+__device__ __forceinline__ void fetch_chunk(float (&x)[5][8], const float* r, const float* d, const float* kk,
+                                            const float* kw, const float* beta, int b, int h, int ch, int T,
+                                            int C, int tid) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int t = ch * CH + (tid >> 6) * 8 + i;
+        const size_t at = (size_t)(b * T + t) * C + h * N + (tid & 63);
+#pragma unroll
+        for (int vec = 0; vec < 5; ++vec) {
+            const float* src = vec == VR ? r : vec == VD ? d : vec == VK ? kk : vec == VW ? kw : beta;
+            x[vec][i] = t < T ? src[at] : (vec == VD ? 1.f : 0.f);
+        }
+    }
+}
+
+// The decays, then kk_t D_{t-1}, r_t D_t, kw_t / D_t, beta_t / D_t and D_CH into shared memory.
+// Each half takes the product P within its own tokens; the second half also needs the first's
+// total (Dh), read after the barrier inside. The caller syncs before reading the results.
+__device__ __forceinline__ void store_decayed(ChunkSmem& sm, float (&x)[5][8], int tid) {
+    const int j = tid & 63, hi = tid >> 6;
+    float P = 1.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        x[VK][i] *= P;
+        P *= x[VD][i];
+        const float inv = 1.f / P;
+        x[VR][i] *= P;
+        x[VW][i] *= inv;
+        x[VB][i] *= inv;
+    }
+    if (!hi) sm.Dh[j] = P;
+    __syncthreads();
+    const float D0 = hi ? sm.Dh[j] : 1.f, inv0 = 1.f / D0;
+    if (hi) sm.Dc[j] = D0 * P;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int t = hi * 8 + i;
+        sm.vec[VK][t][j] = x[VK][i] * D0;
+        sm.vec[VR][t][j] = x[VR][i] * D0;
+        sm.vec[VW][t][j] = x[VW][i] * inv0;
+        sm.vec[VB][t][j] = x[VB][i] * inv0;
+    }
+}
+
+// grid: B * H * chunks blocks of 128 threads. The four [CH, CH] matrices of one chunk, into
+// G [(b * H + h) * chunks + chunk][4][CH][CH]: thread (t0, u) forms entries (t0, u) and (t0 + 8, u).
+extern "C" __global__ void __launch_bounds__(128) wkv7_chunk_mats(
+    const float* __restrict__ r, const float* __restrict__ d, const float* __restrict__ kk,
+    const float* __restrict__ kw, const float* __restrict__ beta, float* __restrict__ G, int T, int H) {
+    extern __shared__ float4 smem4[];
+    ChunkSmem& sm = *reinterpret_cast<ChunkSmem*>(smem4);  // WKV7_CHUNK_SMEM bytes
+    const int nch = (T + CH - 1) / CH, ch = blockIdx.x % nch, bh = blockIdx.x / nch, h = bh % H, b = bh / H;
+    const int tid = threadIdx.x, t0 = tid >> 4, u = tid & 15;
+    float x[5][8];
+    fetch_chunk(x, r, d, kk, kw, beta, b, h, ch, T, H * N, tid);
+    store_decayed(sm, x, tid);
+    __syncthreads();
+    float e[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // (G_ab, G_ak, A_rb, A_rk) x (t0, t0 + 8)
+#pragma unroll
+    for (int q = 0; q < 16; ++q) {
+        const float4 cb = lds4(&sm.vec[VB][u][4 * q]), cw = lds4(&sm.vec[VW][u][4 * q]);
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const float4 rk = lds4(&sm.vec[VK][t0 + 8 * k][4 * q]), rr = lds4(&sm.vec[VR][t0 + 8 * k][4 * q]);
+            e[4 * k + 0] = dot4(e[4 * k + 0], rk, cb);
+            e[4 * k + 1] = dot4(e[4 * k + 1], rk, cw);
+            e[4 * k + 2] = dot4(e[4 * k + 2], rr, cb);
+            e[4 * k + 3] = dot4(e[4 * k + 3], rr, cw);
+        }
+    }
+    float* Gc = G + (size_t)blockIdx.x * 4 * CH * CH;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const int t = t0 + 8 * k;
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const float val = (u < t || (m >= 2 && u == t)) ? e[4 * k + m] : 0.f;
+            Gc[(m * CH + (m == 0 ? u : t)) * CH + (m == 0 ? t : u)] = val;
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
     const float* __restrict__ r, const float* __restrict__ d, const float* __restrict__ kk,
     const float* __restrict__ kw, const float* __restrict__ beta, const float* __restrict__ vw,  // [B*T, H*N]
+    const float* __restrict__ G,                                // from wkv7_chunk_mats
     const float* __restrict__ S_in, float* __restrict__ S_out,  // [B, H, N, N]
     float* __restrict__ y,                                      // [B*T, H*N]
     int T, int H) {
@@ -247,89 +336,34 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
     ChunkSmem& sm = *reinterpret_cast<ChunkSmem*>(smem4);  // WKV7_CHUNK_SMEM bytes
     const int part = blockIdx.x & 3, bh = blockIdx.x >> 2, h = bh % H, b = bh / H;
     const int tid = threadIdx.x, g = tid & 7, p = tid >> 3, row = part * 16 + p;
-    const int C = H * N;
+    const int C = H * N, nch = (T + CH - 1) / CH;
     const float* Sb = S_in + ((size_t)bh * N + row) * N;
     float4 s0 = lds4(Sb + 4 * g), s1 = lds4(Sb + 32 + 4 * g);
+    const float4* Gh = (const float4*)(G + (size_t)bh * nch * 4 * CH * CH);
 
-    // staging: thread (j, hi) holds key channel j of the five vectors for the chunk's first (hi = 0)
-    // or second 8 tokens; v: CH x 4 float4 (64 threads)
-    const int j = tid & 63, hi = tid >> 6;
     float x[5][8];
-    float4 stv4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 stv = make_float4(0.f, 0.f, 0.f, 0.f), stg[2];  // v: CH x 4 float4 (64 threads); G: 2 float4 a thread
     auto fetch = [&](int ch) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int t = ch * CH + hi * 8 + i;
-            const size_t at = (size_t)(b * T + t) * C + h * N + j;
-#pragma unroll
-            for (int vec = 0; vec < 5; ++vec) {
-                const float* src = vec == VR ? r : vec == VD ? d : vec == VK ? kk : vec == VW ? kw : beta;
-                x[vec][i] = t < T ? src[at] : (vec == VD ? 1.f : 0.f);  // past T: inert
-            }
-        }
+        fetch_chunk(x, r, d, kk, kw, beta, b, h, ch, T, C, tid);
         if (tid < 64) {
             const int t = ch * CH + (tid >> 2);
-            stv4 = t < T ? lds4(vw + (size_t)(b * T + t) * C + h * N + part * 16 + 4 * (tid & 3))
-                         : make_float4(0.f, 0.f, 0.f, 0.f);
+            stv = t < T ? lds4(vw + (size_t)(b * T + t) * C + h * N + part * 16 + 4 * (tid & 3))
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+        stg[0] = Gh[ch * CH * CH + tid];
+        stg[1] = Gh[ch * CH * CH + 128 + tid];
     };
-    const int nch = (T + CH - 1) / CH;
     fetch(0);
     for (int ch = 0; ch < nch; ++ch) {
-        // decays: P = the product within this half; the second half also needs the first's total
-        // (Dh), so it stores after a barrier: kk_t D_{t-1}, r_t D_t, kw_t / D_t, beta_t / D_t
-        float P = 1.f;
+        if (tid < 64) *(float4*)&sm.v[tid >> 2][4 * (tid & 3)] = stv;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            x[VK][i] *= P;
-            P *= x[VD][i];
-            const float inv = 1.f / P;
-            x[VR][i] *= P;
-            x[VW][i] *= inv;
-            x[VB][i] *= inv;
+        for (int k = 0; k < 2; ++k) {  // float4 f of the chunk's matrices: (m, row, q) = (f >> 6, (f >> 2) & 15, f & 3)
+            const int f = tid + 128 * k;
+            *(float4*)&sm.G[f >> 6][(f >> 2) & 15][4 * (f & 3)] = stg[k];
         }
-        if (!hi) sm.Dh[j] = P;
-        if (tid < 64) *(float4*)&sm.v[tid >> 2][4 * (tid & 3)] = stv4;
-        __syncthreads();
-        const float D0 = hi ? sm.Dh[j] : 1.f, inv0 = 1.f / D0;
-        if (hi) sm.Dc[j] = D0 * P;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int t = hi * 8 + i;
-            sm.vec[VK][t][j] = x[VK][i] * D0;
-            sm.vec[VR][t][j] = x[VR][i] * D0;
-            sm.vec[VW][t][j] = x[VW][i] * inv0;
-            sm.vec[VB][t][j] = x[VB][i] * inv0;
-        }
+        store_decayed(sm, x, tid);
         __syncthreads();
         if (ch + 1 < nch) fetch(ch + 1);  // in flight while this chunk is computed
-
-        {  // the four [CH, CH] matrices: thread (t0, u) forms entries (t0, u) and (t0 + 8, u) of each
-            const int t0 = tid >> 4, u = tid & 15;
-            float e[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // (G_ab, G_ak, A_rb, A_rk) x (t0, t0 + 8)
-#pragma unroll
-            for (int q = 0; q < 16; ++q) {
-                const float4 cb = lds4(&sm.vec[VB][u][4 * q]), cw = lds4(&sm.vec[VW][u][4 * q]);
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const float4 rk = lds4(&sm.vec[VK][t0 + 8 * half][4 * q]), rr = lds4(&sm.vec[VR][t0 + 8 * half][4 * q]);
-                    e[4 * half + 0] = dot4(e[4 * half + 0], rk, cb);
-                    e[4 * half + 1] = dot4(e[4 * half + 1], rk, cw);
-                    e[4 * half + 2] = dot4(e[4 * half + 2], rr, cb);
-                    e[4 * half + 3] = dot4(e[4 * half + 3], rr, cw);
-                }
-            }
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int t = t0 + 8 * half;
-#pragma unroll
-                for (int m = 0; m < 4; ++m) {
-                    const float val = (u < t || (m >= 2 && u == t)) ? e[4 * half + m] : 0.f;
-                    if (m == 0) sm.G[0][u][t] = val; else sm.G[m][t][u] = val;
-                }
-            }
-        }
-        __syncthreads();
 
         // this row: s_0's readings (thread g keeps t = g and g + 8), the value terms of h, then h by
         // forward substitution (every thread, all t), y for the thread's two t, and the new state

@@ -64,6 +64,14 @@ def wkv7_seq(r, d, kk, kw, beta, vw, S_in, S_out, y, T, H):
     S_out.copy_(S)
 
 
+def wkv7_chunk(r, d, kk, kw, beta, vw, mats, S_in, S_out, y, T, H):
+    wkv7_seq(r, d, kk, kw, beta, vw, S_in, S_out, y, T, H)  # the matrices are the kernel's own business
+
+
+def wkv7_chunk_mats(r, d, kk, kw, beta, mats, T, H):
+    pass
+
+
 def wkv7_post(y, r, kw, vw, g, r_k, ln_w, ln_b, out, R, H):
     C = g.shape[-1]
     out.reshape(-1).copy_(twins.wkv7_post(*(_rows(t, C) for t in (y, r, kw, vw, g)), r_k, ln_w, ln_b, H).reshape(-1))
@@ -119,7 +127,8 @@ class FakeKernels:
     (twins.gemv_torch) with a separate ln_mix launch; otherwise gemv launches run FakeGemv."""
 
     max_smem = 0
-    fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_chunk": wkv7_seq,
+    fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_chunk": wkv7_chunk,
+           "wkv7_chunk_mats": wkv7_chunk_mats,
            "wkv7_post": wkv7_post, "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace,
            "gemm": gemm}
 
@@ -157,8 +166,10 @@ def test_signatures_match_the_cuda_sources():
         text = re.sub(r"//[^\n]*", "", path.read_text()).replace("\\\n", " ")
         for name, params in re.findall(r"__global__ void (?:__launch_bounds__\([\d, ]+\) )?([\w#]+)\(([^)]*)\)", text):
             found[name.replace("##SUF", "")] = _signature_kinds(params)
+    by_length = sorted(loader.SIGNATURES, key=len, reverse=True)  # the loader's rule: longest prefix
+    family_of = {n: next((f for f in by_length if n.rstrip("_") == f or n.startswith(f + "_")), None) for n in found}
     for family, sig in loader.SIGNATURES.items():
-        names = [n for n in found if n.rstrip("_") == family or n.startswith(family + "_") or n == family]
+        names = [n for n in found if family_of[n] == family]
         assert names, f"no kernel for {family}"
         for n in names:
             assert found[n] == sig, f"{n}: source has {found[n]}, Python packs {sig}"

@@ -30,6 +30,7 @@ GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (test
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
 # A prompt's RWKV-7 recurrence: "wkv7_chunk" (16 tokens at a time), or "wkv7_seq" (token by token)
 # with RWKV_WKV7_SEQ=serial, for A/B measurements.
+WKV7_CHUNK = 16  # kernels/rwkv7.cu CH: tokens a chunk
 WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4  # kernels/rwkv7.cu sizeof(ChunkSmem)
 WKV7_SEQ_KERNEL = "wkv7_seq" if os.environ.get("RWKV_WKV7_SEQ") == "serial" else "wkv7_chunk"
 _sm_counts: dict[int, int] = {}
@@ -246,11 +247,14 @@ def wkv7_seq(K, S, r, d, kk, kw, beta, vw, kernel: str | None = None):
     T = r.shape[1]
     y = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     S_out = torch.empty_like(S)
-    args = (*map(_c, (r, d, kk, kw, beta, vw, S)), S_out, y, T, H)
+    vecs = tuple(map(_c, (r, d, kk, kw, beta)))
     if (kernel or WKV7_SEQ_KERNEL) == "wkv7_chunk":
-        K.get("wkv7_chunk")(B * H * 4, 128, *args, smem=WKV7_CHUNK_SMEM)
+        chunks = -(-T // WKV7_CHUNK)
+        mats = torch.empty(B * H * chunks, 4, WKV7_CHUNK, WKV7_CHUNK, dtype=torch.float32, device=r.device)
+        K.get("wkv7_chunk_mats")(B * H * chunks, 128, *vecs, mats, T, H, smem=WKV7_CHUNK_SMEM)
+        K.get("wkv7_chunk")(B * H * 4, 128, *vecs, _c(vw), mats, _c(S), S_out, y, T, H, smem=WKV7_CHUNK_SMEM)
     else:
-        K.get("wkv7_seq")(B * H * 4, 64, *args, smem=WKV7_SEQ_SMEM)
+        K.get("wkv7_seq")(B * H * 4, 64, *vecs, _c(vw), _c(S), S_out, y, T, H, smem=WKV7_SEQ_SMEM)
     return y, S_out
 
 

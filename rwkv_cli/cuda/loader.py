@@ -31,7 +31,8 @@ SIGNATURES = {
     "wkv7_post": "ppppppppp" + "ii",
     "wkv7_step": "pppppppp" + "i" + "ppppppppppp" + "i",
     "wkv7_seq": "pppppp" + "ppp" + "ii",
-    "wkv7_chunk": "pppppp" + "ppp" + "ii",
+    "wkv7_chunk": "ppppppp" + "ppp" + "ii",
+    "wkv7_chunk_mats": "pppppp" + "ii",
     "wkv4_seq": "ppppppppppp" + "iii",
     "wkv4_step": "pppppppppppp" + "ii",
     "checked_ids": "pppp" + "i",
@@ -43,13 +44,13 @@ SIGNATURES = {
 MODULE_OF = {
     "ln_mix": "layernorm", "act_inplace": "layernorm",
     "wkv7_prep": "rwkv7", "wkv7_post": "rwkv7", "wkv7_step": "rwkv7", "wkv7_seq": "rwkv7",
-    "wkv7_chunk": "rwkv7",
+    "wkv7_chunk": "rwkv7", "wkv7_chunk_mats": "rwkv7",
     "wkv4_seq": "rwkv4", "wkv4_step": "rwkv4",
     "checked_ids": "sampling", "penalized_softmax": "sampling", "nucleus_draw": "sampling",
     "gemm": "gemm",
 }
 # one variant, not one per activation dtype
-UNSUFFIXED = ("wkv7_seq", "wkv7_chunk", "wkv4_seq", "checked_ids", "penalized_softmax", "nucleus_draw")
+UNSUFFIXED = ("wkv7_seq", "wkv7_chunk", "wkv7_chunk_mats", "wkv4_seq", "checked_ids", "penalized_softmax", "nucleus_draw")
 # 16-bit variants only (tensor-core products)
 HALF_ONLY = ("gemm",)
 
