@@ -30,8 +30,8 @@ GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (test
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
 # A prompt's RWKV-7 recurrence: "wkv7_chunk" (16 tokens at a time), or "wkv7_seq" (token by token)
 # with RWKV_WKV7_SEQ=serial, for A/B measurements.
-WKV7_CHUNK = 16  # kernels/rwkv7.cu CH: tokens a chunk
-WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4  # kernels/rwkv7.cu sizeof(ChunkSmem)
+WKV7_CHUNK = 16  # kernels/rwkv7_chunk.cu CH: tokens a chunk
+WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4  # kernels/rwkv7_chunk.cu sizeof(ChunkSmem)
 WKV7_SEQ_KERNEL = "wkv7_seq" if os.environ.get("RWKV_WKV7_SEQ") == "serial" else "wkv7_chunk"
 _sm_counts: dict[int, int] = {}
 

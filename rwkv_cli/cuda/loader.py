@@ -19,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-SOURCES = ("layernorm", "gemv", "gemm", "rwkv7", "rwkv4", "sampling")
+SOURCES = ("layernorm", "gemv", "gemm", "rwkv7", "rwkv7_chunk", "rwkv4", "sampling")
 HEADERS = ("common.cuh",)
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math", "-DNDEBUG")
 
@@ -44,7 +44,7 @@ SIGNATURES = {
 MODULE_OF = {
     "ln_mix": "layernorm", "act_inplace": "layernorm",
     "wkv7_prep": "rwkv7", "wkv7_post": "rwkv7", "wkv7_step": "rwkv7", "wkv7_seq": "rwkv7",
-    "wkv7_chunk": "rwkv7", "wkv7_chunk_mats": "rwkv7",
+    "wkv7_chunk": "rwkv7_chunk", "wkv7_chunk_mats": "rwkv7_chunk",
     "wkv4_seq": "rwkv4", "wkv4_step": "rwkv4",
     "checked_ids": "sampling", "penalized_softmax": "sampling", "nucleus_draw": "sampling",
     "gemm": "gemm",
