@@ -128,9 +128,8 @@ class FakeKernels:
 
     max_smem = 0
     fns = {"ln_mix": ln_mix, "wkv7_prep": wkv7_prep, "wkv7_seq": wkv7_seq, "wkv7_chunk": wkv7_chunk,
-           "wkv7_chunk_mats": wkv7_chunk_mats,
-           "wkv7_post": wkv7_post, "wkv7_step": wkv7_step, "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace,
-           "gemm": gemm}
+           "wkv7_chunk_mats": wkv7_chunk_mats, "wkv7_post": wkv7_post, "wkv7_step": wkv7_step,
+           "wkv4_seq": wkv4_seq, "wkv4_step": wkv4_step, "act_inplace": act_inplace, "gemm": gemm}
 
     def get(self, name):
         family = next(f for f in sorted(self.fns, key=len, reverse=True) if name.startswith(f))
@@ -167,7 +166,8 @@ def test_signatures_match_the_cuda_sources():
         for name, params in re.findall(r"__global__ void (?:__launch_bounds__\([\d, ]+\) )?([\w#]+)\(([^)]*)\)", text):
             found[name.replace("##SUF", "")] = _signature_kinds(params)
     by_length = sorted(loader.SIGNATURES, key=len, reverse=True)  # the loader's rule: longest prefix
-    family_of = {n: next((f for f in by_length if n.rstrip("_") == f or n.startswith(f + "_")), None) for n in found}
+    family_of = {n: next((f for f in by_length if n.rstrip("_") == f or n.startswith(f + "_")), None)
+                 for n in found}
     for family, sig in loader.SIGNATURES.items():
         names = [n for n in found if family_of[n] == family]
         assert names, f"no kernel for {family}"

@@ -28,10 +28,10 @@ GEMV_MAX_KS = 8  # warps sharing a row pair (1, 2, 4, 8)
 GEMV_BLOCKS_PER_SM = 2  # MINB: blocks a multiprocessor holds at once; a launch is one wave of them
 GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (tests, emulation)
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
+WKV7_CHUNK = 16  # kernels/rwkv7_chunk.cu CH: tokens a chunk
+WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4  # rwkv7_chunk.cu sizeof(ChunkSmem)
 # A prompt's RWKV-7 recurrence: "wkv7_chunk" (16 tokens at a time), or "wkv7_seq" (token by token)
 # with RWKV_WKV7_SEQ=serial, for A/B measurements.
-WKV7_CHUNK = 16  # kernels/rwkv7_chunk.cu CH: tokens a chunk
-WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4  # kernels/rwkv7_chunk.cu sizeof(ChunkSmem)
 WKV7_SEQ_KERNEL = "wkv7_seq" if os.environ.get("RWKV_WKV7_SEQ") == "serial" else "wkv7_chunk"
 _sm_counts: dict[int, int] = {}
 
@@ -263,8 +263,8 @@ def wkv7_sequence(K, S, r, log_decay, k, v, kk, a, kernel: str | None = None):
     B, T, H, N = r.shape
     f = lambda t: t.float().reshape(B, T, H * N).contiguous()  # noqa: E731
     kk32 = f(kk)
-    y, S = wkv7_seq(K, S.float().contiguous(), f(r), f(torch.exp(log_decay.float())), kk32, f(k), kk32 * f(a), f(v),
-                    kernel)
+    d = f(torch.exp(log_decay.float()))
+    y, S = wkv7_seq(K, S.float().contiguous(), f(r), d, kk32, f(k), kk32 * f(a), f(v), kernel)
     return y.view(B, T, H, N), S
 
 

@@ -50,7 +50,8 @@ MODULE_OF = {
     "gemm": "gemm",
 }
 # one variant, not one per activation dtype
-UNSUFFIXED = ("wkv7_seq", "wkv7_chunk", "wkv7_chunk_mats", "wkv4_seq", "checked_ids", "penalized_softmax", "nucleus_draw")
+UNSUFFIXED = ("wkv7_seq", "wkv7_chunk", "wkv7_chunk_mats", "wkv4_seq", "checked_ids", "penalized_softmax",
+              "nucleus_draw")
 # 16-bit variants only (tensor-core products)
 HALF_ONLY = ("gemm",)
 
