@@ -7,7 +7,8 @@ For each shape, one child process (started with the reference's environment flag
 selects its v7 class at import) loads the checkpoint into both engines and times them in turns:
 batch-1 greedy decode tok/s (after warm-up steps) and the prefill tok/s of one prompt. Each
 measurement is repeated and the best round is kept, so both engines get the same chances on a
-noisy machine. Prints a table with our/reference ratios; `--json` writes the raw numbers.
+noisy machine. Prints a table with our/reference ratios, then the prefill rate that the prompt's
+matrix products alone allow (`products_only_prefill`); `--json` writes the raw numbers.
 Needs the `rwkv` test dependency.
 """
 
@@ -37,6 +38,38 @@ def time_engine(forward, first_logits, n_decode: int, n_warmup: int, prompt: lis
     logits, _ = forward(prompt, None)
     prefill = len(prompt) / (time.perf_counter() - t0)
     return decode, prefill, logits
+
+
+def products_only_prefill(model, prompt: list[int], rounds: int) -> float:
+    """Prefill tok/s of `prompt` counting only its matrix products: one forward records the input
+    and weight of every `ops.linear` call (the models bind the name at import, so each module's
+    reference is swapped for the recording), then those products alone are replayed and timed,
+    best of `rounds`. This is the ceiling of any fp32 engine that forms the same products here."""
+    import importlib
+
+    from rwkv_cli import ops
+
+    real, calls = ops.linear, []
+
+    def record(x, w):
+        calls.append((x.clone(), w))
+        return real(x, w)
+
+    modules = [ops] + [importlib.import_module(f"rwkv_cli.models.{m}") for m in ("common", "rwkv4", "rwkv5", "rwkv6", "rwkv7")]
+    try:
+        for m in modules:
+            m.linear = record
+        model.forward([prompt], None)
+    finally:
+        for m in modules:
+            m.linear = real
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for x, w in calls:
+            real(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return len(prompt) / best
 
 
 def worker(args) -> None:
@@ -69,12 +102,14 @@ def worker(args) -> None:
             best[name] = [max(best[name][0], decode), max(best[name][1], prefill)]
             if args.verbose:
                 print(name, f"decode {decode:.1f} prefill {prefill:.1f}", file=sys.stderr)
+    ceiling = products_only_prefill(ours, prompt, 2 * args.rounds)
     # Both engines must agree on the numbers, or the timing comparison means nothing.
     diff = float((ours_forward(prompt, None)[0] - ref_forward(prompt, None)[0].float()).abs().max())
     print(json.dumps({
         "checkpoint": os.path.basename(args.worker), "version": ours.cfg.version,
         "shape": f"L{ours.cfg.n_layer} C{ours.cfg.n_embd} V{ours.cfg.vocab_size}",
         "ours": best["ours"], "reference": best["reference"], "max_logit_diff": diff,
+        "products_only_prefill": ceiling,
         "cpu_matmul": cpu_matmul_backend(), "threads": torch.get_num_threads(),
     }))
 
@@ -114,6 +149,10 @@ def main() -> None:
         (od, op), (rd, rp) = r["ours"], r["reference"]
         print(f"v{r['version']} {r['shape']:<19} {od:>12.1f} {rd:>9.1f} {od / rd:>10.2f}x"
               f" {op:>16.1f} {rp:>9.1f} {op / rp:>12.2f}x   (max |logit diff| {r['max_logit_diff']:.1e})")
+    print(f"prefill-{args.prefill} with nothing but its matrix products (the fp32 ceiling here):")
+    for r in results:
+        ceiling, rp = r["products_only_prefill"], r["reference"][1]
+        print(f"v{r['version']} {r['shape']:<19} {ceiling:>12.1f} tok/s = {ceiling / rp:.2f}x the reference")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
