@@ -40,7 +40,7 @@ struct ChunkSmem {
 };
 enum { VR, VD, VK, VW, VB };
 
-__device__ __forceinline__ float4 lds4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 ld4(const float* p) { return *(const float4*)p; }  // 16 bytes, shared or global
 __device__ __forceinline__ float dot4(float acc, const float4& a, const float4& b) {
     return acc + a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
@@ -127,10 +127,10 @@ extern "C" __global__ void __launch_bounds__(128) wkv7_chunk_mats(
     float e[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // (G_ab, G_ak, A_rb, A_rk) x (t0, t0 + 8)
 #pragma unroll
     for (int q = 0; q < 16; ++q) {
-        const float4 cb = lds4(&sm.vec[VB][u][4 * q]), cw = lds4(&sm.vec[VW][u][4 * q]);
+        const float4 cb = ld4(&sm.vec[VB][u][4 * q]), cw = ld4(&sm.vec[VW][u][4 * q]);
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
-            const float4 rk = lds4(&sm.vec[VK][t0 + 8 * k][4 * q]), rr = lds4(&sm.vec[VR][t0 + 8 * k][4 * q]);
+            const float4 rk = ld4(&sm.vec[VK][t0 + 8 * k][4 * q]), rr = ld4(&sm.vec[VR][t0 + 8 * k][4 * q]);
             e[4 * k + 0] = dot4(e[4 * k + 0], rk, cb);
             e[4 * k + 1] = dot4(e[4 * k + 1], rk, cw);
             e[4 * k + 2] = dot4(e[4 * k + 2], rr, cb);
@@ -162,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
     const int tid = threadIdx.x, g = tid & 7, p = tid >> 3, row = part * 16 + p;
     const int C = H * N, nch = (T + CH - 1) / CH;
     const float* Sb = S_in + ((size_t)bh * N + row) * N;
-    float4 s0 = lds4(Sb + 4 * g), s1 = lds4(Sb + 32 + 4 * g);
+    float4 s0 = ld4(Sb + 4 * g), s1 = ld4(Sb + 32 + 4 * g);
     const float4* Gh = (const float4*)(G + (size_t)bh * nch * 4 * CH * CH);
 
     float x[5][8];
@@ -171,7 +171,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
         fetch_chunk(x, r, d, kk, kw, beta, b, h, ch, T, C, tid);
         if (tid < 64) {
             const int t = ch * CH + (tid >> 2);
-            stv = t < T ? lds4(vw + (size_t)(b * T + t) * C + h * N + part * 16 + 4 * (tid & 3))
+            stv = t < T ? ld4(vw + (size_t)(b * T + t) * C + h * N + part * 16 + 4 * (tid & 3))
                         : make_float4(0.f, 0.f, 0.f, 0.f);
         }
         stg[0] = Gh[ch * CH * CH + tid];
@@ -194,8 +194,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
         float a[CH], c[CH], hv[CH], vv[CH];
 #pragma unroll
         for (int t = 0; t < CH; ++t) {
-            a[t] = dot8(s0, s1, lds4(&sm.vec[VK][t][4 * g]), lds4(&sm.vec[VK][t][32 + 4 * g]));
-            c[t] = dot8(s0, s1, lds4(&sm.vec[VR][t][4 * g]), lds4(&sm.vec[VR][t][32 + 4 * g]));
+            a[t] = dot8(s0, s1, ld4(&sm.vec[VK][t][4 * g]), ld4(&sm.vec[VK][t][32 + 4 * g]));
+            c[t] = dot8(s0, s1, ld4(&sm.vec[VR][t][4 * g]), ld4(&sm.vec[VR][t][32 + 4 * g]));
             vv[t] = sm.v[t][p];
         }
         reduce_to_owner(a, g);
@@ -206,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
             const int t = g + 8 * half;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {  // zero where u >= t
-                const float4 gk = lds4(&sm.G[1][t][4 * q]);
+                const float4 gk = ld4(&sm.G[1][t][4 * q]);
                 own_a[half] += gk.x * vv[4 * q] + gk.y * vv[4 * q + 1] + gk.z * vv[4 * q + 2] + gk.w * vv[4 * q + 3];
             }
         }
@@ -217,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
             hv[u] = a[u];
 #pragma unroll
             for (int q = (u + 1) >> 2; q < 4; ++q) {
-                const float4 gb = lds4(&sm.G[0][u][4 * q]);
+                const float4 gb = ld4(&sm.G[0][u][4 * q]);
                 a[4 * q] -= gb.x * hv[u]; a[4 * q + 1] -= gb.y * hv[u]; a[4 * q + 2] -= gb.z * hv[u]; a[4 * q + 3] -= gb.w * hv[u];
             }
         }
@@ -226,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
             const int t = g + 8 * half;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {  // zero where u > t
-                const float4 ak = lds4(&sm.G[3][t][4 * q]), ab = lds4(&sm.G[2][t][4 * q]);
+                const float4 ak = ld4(&sm.G[3][t][4 * q]), ab = ld4(&sm.G[2][t][4 * q]);
                 own_y[half] += ak.x * vv[4 * q] + ak.y * vv[4 * q + 1] + ak.z * vv[4 * q + 2] + ak.w * vv[4 * q + 3]
                              - (ab.x * hv[4 * q] + ab.y * hv[4 * q + 1] + ab.z * hv[4 * q + 2] + ab.w * hv[4 * q + 3]);
             }
@@ -235,10 +235,10 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
         float4 u0 = s0, u1 = s1;
 #pragma unroll
         for (int t = 0; t < CH; ++t) {
-            axpy8(u0, vv[t], lds4(&sm.vec[VW][t][4 * g]), -hv[t], lds4(&sm.vec[VB][t][4 * g]));
-            axpy8(u1, vv[t], lds4(&sm.vec[VW][t][32 + 4 * g]), -hv[t], lds4(&sm.vec[VB][t][32 + 4 * g]));
+            axpy8(u0, vv[t], ld4(&sm.vec[VW][t][4 * g]), -hv[t], ld4(&sm.vec[VB][t][4 * g]));
+            axpy8(u1, vv[t], ld4(&sm.vec[VW][t][32 + 4 * g]), -hv[t], ld4(&sm.vec[VB][t][32 + 4 * g]));
         }
-        const float4 d0 = lds4(&sm.Dc[4 * g]), d1 = lds4(&sm.Dc[32 + 4 * g]);
+        const float4 d0 = ld4(&sm.Dc[4 * g]), d1 = ld4(&sm.Dc[32 + 4 * g]);
         s0 = make_float4(d0.x * u0.x, d0.y * u0.y, d0.z * u0.z, d0.w * u0.w);
         s1 = make_float4(d1.x * u1.x, d1.y * u1.y, d1.z * u1.z, d1.w * u1.w);
         __syncthreads();  // everything read; the next chunk is stored over it
