@@ -251,7 +251,8 @@ def wkv7_seq(K, S, r, d, kk, kw, beta, vw, kernel: str | None = None):
     if (kernel or WKV7_SEQ_KERNEL) == "wkv7_chunk":
         chunks = -(-T // WKV7_CHUNK)
         mats = torch.empty(B * H * chunks, 4, WKV7_CHUNK, WKV7_CHUNK, dtype=torch.float32, device=r.device)
-        K.get("wkv7_chunk_mats")(B * H * chunks, 128, *vecs, mats, T, H, smem=WKV7_CHUNK_SMEM)
+        if chunks:  # a grid of no blocks is a launch error; with T = 0 the state just passes through
+            K.get("wkv7_chunk_mats")(B * H * chunks, 128, *vecs, mats, T, H, smem=WKV7_CHUNK_SMEM)
         K.get("wkv7_chunk")(B * H * 4, 128, *vecs, _c(vw), mats, _c(S), S_out, y, T, H, smem=WKV7_CHUNK_SMEM)
     else:
         K.get("wkv7_seq")(B * H * 4, 64, *vecs, _c(vw), _c(S), S_out, y, T, H, smem=WKV7_SEQ_SMEM)
