@@ -22,11 +22,15 @@
 // relative precision.
 // The matrices come first, for every chunk at once (wkv7_chunk_mats, a block per (b, h, chunk));
 // wkv7_chunk then carries the state through the chunks: a block per (b, h, 16 rows of S), 128
-// threads, thread (p, g) holding row part * 16 + p, columns 4g..4g+3 and 32+4g..32+4g+3 (as in
-// wkv7_seq), with the next chunk's inputs and matrices fetched into registers while this one is
-// computed. Both stage a chunk the same way (`fetch_chunk`, `store_decayed`). Dynamic shared
-// memory: sizeof(ChunkSmem), WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64) * 4
-// = 28416 bytes. The matrices travel through a buffer of B * H * chunks * 4 * 16 * 16 floats.
+// threads, the rows in shared memory. Per chunk, the two products with the state run on tensor
+// cores at fp32 accuracy (3xTF32): the readings S_0 [kk D; r D]^T ([16 x 64] x [64 x 32], a
+// column tile per warp) and the update S <- D_CH (S + [v | -h] [kw / D; beta / D]) ([16 x 32] x
+// [32 x 64], two column tiles per warp); between them thread (p, g) works on row p: h by forward
+// substitution and y for t = g and g + 8. The next chunk's inputs and matrices are fetched into
+// registers while this one is computed. Both kernels stage a chunk the same way (`fetch_chunk`,
+// `store_decayed`). Dynamic shared memory: sizeof(ChunkSmem), WKV7_CHUNK_SMEM = (5 * 16 * 68 +
+// 16 * 16 + 4 * 16 * 20 + 2 * 64 + 16 * (68 + 33 + 36)) * 4 = 37184 bytes. The matrices travel
+// through a buffer of B * H * chunks * 4 * 16 * 16 floats.
 #define CH 16
 #define NP (N + 4)  // padded rows: float4 reads of 8 different rows fall in different banks
 #define GP 20       // the same for the [CH, CH] matrices' rows (float4-aligned)
@@ -37,6 +41,9 @@ struct ChunkSmem {
     float G[4][CH][GP];    // G_ab (transposed: [u][t]), G_ak, A_rb, A_rk; zero where u > t (u >= t for G)
     float Dc[N];           // the chunk's whole decay
     float Dh[N];           // the decay of its first half
+    float S[16][NP];       // wkv7_chunk: this block's 16 state rows
+    float R[16][2 * CH + 1];  // their readings of kk_t D_{t-1} (t < 16) and r_t D_t (16 + t)
+    float U[16][2 * CH + 4];  // the update's left factor: v_t (t < 16) and -h_t (16 + t)
 };
 enum { VR, VD, VK, VW, VB };
 
@@ -63,6 +70,33 @@ __device__ __forceinline__ void reduce_to_owner(float (&x)[CH], int g) {
             x[t] = keep + __shfl_xor_sync(0xffffffffu, send, 1 << bit);
         }
     }
+}
+
+// Products on tensor cores at fp32 accuracy ("3xTF32"): x = hi + lo with hi, lo TF32 (10-bit
+// mantissas), x y ~ hi_x hi_y + hi_x lo_y + lo_x hi_y, the dropped lo lo term ~2^-22 relative.
+__device__ __forceinline__ void split_tf32(float x, u32& hi, u32& lo) {
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(x - __uint_as_float(hi)));
+}
+// a b for one m16n8k8 tile, added to two accumulators: big += hi hi, small += hi lo + lo hi (kept
+// apart so that chains of dependent mma stay short). a: A fragment (a0 (g, t), a1 (g + 8, t), a2
+// (g, t + 4), a3 (g + 8, t + 4) with g = lane / 4, t = lane % 4), b: B fragment (b0 (k = t, n = g),
+// b1 (k = t + 4, n = g)), accumulators (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+__device__ __forceinline__ void mma_3xtf32(float (&big)[4], float (&small)[4], const float (&a)[4], const float (&b)[2]) {
+    u32 ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(a[i], ah[i], al[i]);
+    split_tf32(b[0], bh[0], bl[0]);
+    split_tf32(b[1], bh[1], bl[1]);
+#define MMA_TF32(c, A, B)                                                                                 \
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "   \
+                 "{%8,%9}, {%0,%1,%2,%3};"                                                              \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                       \
+                 : "r"(A[0]), "r"(A[1]), "r"(A[2]), "r"(A[3]), "r"(B[0]), "r"(B[1]))
+    MMA_TF32(small, al, bh);
+    MMA_TF32(small, ah, bl);
+    MMA_TF32(big, ah, bh);
+#undef MMA_TF32
 }
 
 // Thread (j, hi) = (tid & 63, tid >> 6) stages key channel j of the five vectors for the chunk's
@@ -160,9 +194,14 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
     ChunkSmem& sm = *reinterpret_cast<ChunkSmem*>(smem4);  // WKV7_CHUNK_SMEM bytes
     const int part = blockIdx.x & 3, bh = blockIdx.x >> 2, h = bh % H, b = bh / H;
     const int tid = threadIdx.x, g = tid & 7, p = tid >> 3, row = part * 16 + p;
+    const int warp = tid >> 5, lg = (tid & 31) >> 2, lt = tid & 3;  // tensor-core fragment coordinates
     const int C = H * N, nch = (T + CH - 1) / CH;
-    const float* Sb = S_in + ((size_t)bh * N + row) * N;
-    float4 s0 = ld4(Sb + 4 * g), s1 = ld4(Sb + 32 + 4 * g);
+    const float* Sb = S_in + ((size_t)bh * N + part * 16) * N;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {  // the block's 16 rows: 256 float4
+        const int f = tid + 128 * k;
+        *(float4*)&sm.S[f >> 4][4 * (f & 15)] = ld4(Sb + 4 * f);
+    }
     const float4* Gh = (const float4*)(G + (size_t)bh * nch * 4 * CH * CH);
 
     float x[5][8];
@@ -189,18 +228,29 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
         __syncthreads();
         if (ch + 1 < nch) fetch(ch + 1);  // in flight while this chunk is computed
 
-        // this row: s_0's readings (thread g keeps t = g and g + 8), the value terms of h, then h by
-        // forward substitution (every thread, all t), y for the thread's two t, and the new state
-        float a[CH], c[CH], hv[CH], vv[CH];
+        {  // readings R = S_0 [kk D; r D]^T, [16 x 64] x [64 x 32]: warp w forms columns 8w..8w+7
+            const float(*q)[NP] = sm.vec[warp < 2 ? VK : VR] + 8 * (warp & 1);
+            float acc[4][4] = {};  // (big, small) x (even, odd k-steps): four short chains
 #pragma unroll
-        for (int t = 0; t < CH; ++t) {
-            a[t] = dot8(s0, s1, ld4(&sm.vec[VK][t][4 * g]), ld4(&sm.vec[VK][t][32 + 4 * g]));
-            c[t] = dot8(s0, s1, ld4(&sm.vec[VR][t][4 * g]), ld4(&sm.vec[VR][t][32 + 4 * g]));
-            vv[t] = sm.v[t][p];
+            for (int k0 = 0; k0 < N; k0 += 8) {
+                const float a[4] = {sm.S[lg][k0 + lt], sm.S[lg + 8][k0 + lt], sm.S[lg][k0 + lt + 4], sm.S[lg + 8][k0 + lt + 4]};
+                const float bq[2] = {q[lg][k0 + lt], q[lg][k0 + lt + 4]};
+                mma_3xtf32(acc[(k0 >> 3) & 1], acc[2 + ((k0 >> 3) & 1)], a, bq);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float sum = (acc[2][i] + acc[3][i]) + (acc[0][i] + acc[1][i]);
+                sm.R[lg + 8 * (i >> 1)][8 * warp + 2 * lt + (i & 1)] = sum;
+            }
         }
-        reduce_to_owner(a, g);
-        reduce_to_owner(c, g);
-        float own_a[2] = {a[0], a[8]}, own_y[2] = {c[0], c[8]};
+        __syncthreads();
+
+        // this row (thread g keeps t = g and g + 8): the value terms of h, then h by forward
+        // substitution (every thread, all t), y for the thread's two t, the update's left factor
+        float a[CH], hv[CH], vv[CH];
+#pragma unroll
+        for (int t = 0; t < CH; ++t) vv[t] = sm.v[t][p];
+        float own_a[2] = {sm.R[p][g], sm.R[p][g + 8]}, own_y[2] = {sm.R[p][CH + g], sm.R[p][CH + g + 8]};
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int t = g + 8 * half;
@@ -232,18 +282,50 @@ extern "C" __global__ void __launch_bounds__(128, 1) wkv7_chunk(
             }
             if (ch * CH + t < T) y[((size_t)(b * T + ch * CH + t)) * C + h * N + row] = own_y[half];
         }
-        float4 u0 = s0, u1 = s1;
 #pragma unroll
         for (int t = 0; t < CH; ++t) {
-            axpy8(u0, vv[t], ld4(&sm.vec[VW][t][4 * g]), -hv[t], ld4(&sm.vec[VB][t][4 * g]));
-            axpy8(u1, vv[t], ld4(&sm.vec[VW][t][32 + 4 * g]), -hv[t], ld4(&sm.vec[VB][t][32 + 4 * g]));
+            if ((t & 7) == g) {
+                sm.U[p][t] = vv[t];
+                sm.U[p][CH + t] = -hv[t];
+            }
         }
-        const float4 d0 = ld4(&sm.Dc[4 * g]), d1 = ld4(&sm.Dc[32 + 4 * g]);
-        s0 = make_float4(d0.x * u0.x, d0.y * u0.y, d0.z * u0.z, d0.w * u0.w);
-        s1 = make_float4(d1.x * u1.x, d1.y * u1.y, d1.z * u1.z, d1.w * u1.w);
+        __syncthreads();
+
+        {  // S <- D_CH (S + U [kw / D; beta / D]), [16 x 32] x [32 x 64]: warp w forms columns 16w..16w+15
+            float big[2][4], small[2][4] = {};  // per column tile; big starts from S
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const int n0 = 16 * warp + 8 * nt;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) big[nt][i] = sm.S[lg + 8 * (i >> 1)][n0 + 2 * lt + (i & 1)];
+            }
+#pragma unroll
+            for (int k0 = 0; k0 < 2 * CH; k0 += 8) {
+                const float a4[4] = {sm.U[lg][k0 + lt], sm.U[lg + 8][k0 + lt], sm.U[lg][k0 + lt + 4], sm.U[lg + 8][k0 + lt + 4]};
+                const float(*w)[NP] = sm.vec[k0 < CH ? VW : VB] + (k0 & (CH - 1));
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    const int n0 = 16 * warp + 8 * nt;
+                    const float bw[2] = {w[lt][n0 + lg], w[lt + 4][n0 + lg]};
+                    mma_3xtf32(big[nt], small[nt], a4, bw);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const int n0 = 16 * warp + 8 * nt;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int col = n0 + 2 * lt + (i & 1);
+                    sm.S[lg + 8 * (i >> 1)][col] = sm.Dc[col] * (big[nt][i] + small[nt][i]);
+                }
+            }
+        }
         __syncthreads();  // everything read; the next chunk is stored over it
     }
-    float* So = S_out + ((size_t)bh * N + row) * N;
-    *(float4*)(So + 4 * g) = s0;
-    *(float4*)(So + 32 + 4 * g) = s1;
+    float* So = S_out + ((size_t)bh * N + part * 16) * N;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const int f = tid + 128 * k;
+        *(float4*)(So + 4 * f) = ld4(&sm.S[f >> 4][4 * (f & 15)]);
+    }
 }
