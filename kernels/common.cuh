@@ -66,11 +66,6 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-// dot product of 8 values held as two float4 (a row part of an RWKV-7 state)
-__device__ __forceinline__ float dot8(const float4& a0, const float4& a1, const float4& b0, const float4& b1) {
-    return (a0.x * b0.x + a0.y * b0.y) + (a0.z * b0.z + a0.w * b0.w) + (a1.x * b1.x + a1.y * b1.y) +
-           (a1.z * b1.z + a1.w * b1.w);
-}
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // Sum over a whole block (blockDim.x a multiple of 32, at most 1024); `scratch` holds 32 floats.

@@ -101,6 +101,10 @@ __device__ void wkv7_prep_impl(const typename S::T* r, const typename S::T* k, c
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_stages() { asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1)); }
 
+__device__ __forceinline__ float dot8(const float4& a0, const float4& a1, const float4& b0, const float4& b1) {
+    return (a0.x * b0.x + a0.y * b0.y) + (a0.z * b0.z + a0.w * b0.w) + (a1.x * b1.x + a1.y * b1.y) +
+           (a1.z * b1.z + a1.w * b1.w);
+}
 __device__ __forceinline__ float sum8(float x) {  // over the 8 threads of a row group
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     x += __shfl_xor_sync(0xffffffffu, x, 2);

@@ -51,27 +51,6 @@ __device__ __forceinline__ float4 ld4(const float* p) { return *(const float4*)p
 __device__ __forceinline__ float dot4(float acc, const float4& a, const float4& b) {
     return acc + a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
-// u += v * w + m * b over a row part (two float4)
-__device__ __forceinline__ void axpy8(float4& u, float v, const float4& w, float m, const float4& b) {
-    u.x += v * w.x + m * b.x; u.y += v * w.y + m * b.y; u.z += v * w.z + m * b.z; u.w += v * w.w + m * b.w;
-}
-
-// x[16]: this thread's partial sums for each t; the 8 threads of a row trade halves (14 shuffles in
-// all) so that thread g ends with the row's full sums for t = g (in x[0]) and t = g + 8 (in x[8]).
-__device__ __forceinline__ void reduce_to_owner(float (&x)[CH], int g) {
-#pragma unroll
-    for (int bit = 2; bit >= 0; --bit) {
-        const bool upper = (g >> bit) & 1;
-#pragma unroll
-        for (int t = 0; t < CH; ++t) {
-            if ((t >> bit) & 1 || (t & 7) >= (2 << bit)) continue;  // pairs (t, t + 2^bit) still in play
-            const int t2 = t + (1 << bit);
-            const float send = upper ? x[t] : x[t2], keep = upper ? x[t2] : x[t];
-            x[t] = keep + __shfl_xor_sync(0xffffffffu, send, 1 << bit);
-        }
-    }
-}
-
 // Products on tensor cores at fp32 accuracy ("3xTF32"): x = hi + lo with hi, lo TF32 (10-bit
 // mantissas), x y ~ hi_x hi_y + hi_x lo_y + lo_x hi_y, the dropped lo lo term ~2^-22 relative.
 __device__ __forceinline__ void split_tf32(float x, u32& hi, u32& lo) {
