@@ -29,7 +29,7 @@ GEMV_BLOCKS_PER_SM = 2  # MINB: blocks a multiprocessor holds at once; a launch 
 GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (tests, emulation)
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
 WKV7_CHUNK = 16  # kernels/rwkv7_chunk.cu CH: tokens a chunk
-WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64 + 16 * (68 + 33 + 36)) * 4  # sizeof(ChunkSmem)
+WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64 + 16 * (68 + 33 + 36)) * 4  # ChunkSmem
 # A prompt's RWKV-7 recurrence: "wkv7_chunk" (16 tokens at a time), or "wkv7_seq" (token by token)
 # with RWKV_WKV7_SEQ=serial, for A/B measurements.
 WKV7_SEQ_KERNEL = "wkv7_seq" if os.environ.get("RWKV_WKV7_SEQ") == "serial" else "wkv7_chunk"
