@@ -42,11 +42,9 @@ def time_engine(forward, first_logits, n_decode: int, n_warmup: int, prompt: lis
 
 def products_only_prefill(model, prompt: list[int], rounds: int) -> float:
     """Prefill tok/s of `prompt` counting only its matrix products: one forward records the input
-    and weight of every `ops.linear` call (the models bind the name at import, so each module's
-    reference is swapped for the recording), then those products alone are replayed and timed,
-    best of `rounds`. This is the ceiling of any fp32 engine that forms the same products here."""
-    import importlib
-
+    and weight of every `ops.linear` call (modules bind the name at import, so every loaded
+    rwkv_cli module holding it gets the recording instead), then those products alone are replayed
+    and timed, best of `rounds`. This is the ceiling of any fp32 engine that forms the same products."""
     from rwkv_cli import ops
 
     real, calls = ops.linear, []
@@ -55,7 +53,8 @@ def products_only_prefill(model, prompt: list[int], rounds: int) -> float:
         calls.append((x.clone(), w))
         return real(x, w)
 
-    modules = [ops] + [importlib.import_module(f"rwkv_cli.models.{m}") for m in ("common", "rwkv4", "rwkv5", "rwkv6", "rwkv7")]
+    modules = [m for name, m in list(sys.modules.items())
+               if name.startswith("rwkv_cli") and getattr(m, "linear", None) is real]
     try:
         for m in modules:
             m.linear = record
