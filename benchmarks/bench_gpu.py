@@ -296,10 +296,18 @@ def run_kernels(args) -> None:
     S = torch.zeros(1, H, N, N, device="cuda")
     f = lambda t: t.reshape(1, T, C).contiguous()  # noqa: E731
     prepared = (f(r), f(torch.exp(ld)), f(kk), f(k), f(kk * a), f(v))
+    used = [t.clone() for t in prepared]  # the chunked kernels overwrite d, kk and beta: restored each call,
+
+    def restore():  # and the restoring copies' own time taken off
+        for dst, src in zip(used, prepared, strict=True):
+            dst.copy_(src)
+
+    restore_ms = time_cuda(restore, 2)
     twin_ms = time_cuda(lambda: wkv7_sequence(S, r, ld, k, v, kk, a), 2)
     for name in ("wkv7_chunk", "wkv7_seq"):
         row(f"{name}: T={T}, H={H} (prefill recurrence, one layer)",
-            time_cuda(lambda name=name: kops.wkv7_seq(K, S, *prepared, kernel=name), 2), twin_ms)
+            time_cuda(lambda name=name: (restore(), kops.wkv7_seq(K, S, *used, kernel=name)), 2) - restore_ms,
+            twin_ms)
     # RWKV-4 prefill recurrence
     w, u = -torch.exp(torch.randn(C, device="cuda")), torch.randn(C, device="cuda")
     k4, v4 = torch.randn(1, T, C, device="cuda"), torch.randn(1, T, C, device="cuda")

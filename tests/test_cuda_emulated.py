@@ -64,12 +64,19 @@ def wkv7_seq(r, d, kk, kw, beta, vw, S_in, S_out, y, T, H):
     S_out.copy_(S)
 
 
-def wkv7_chunk(r, d, kk, kw, beta, vw, mats, S_in, S_out, y, T, H):
-    wkv7_seq(r, d, kk, kw, beta, vw, S_in, S_out, y, T, H)  # the matrices are the kernel's own business
-
-
 def wkv7_chunk_mats(r, d, kk, kw, beta, mats, T, H):
-    pass
+    B, C = r.numel() // (T * r.shape[-1]), r.shape[-1]
+    Q, W, VB, m = twins.wkv7_chunk_mats(*(t.reshape(B, T, C) for t in (r, d, kk, kw, beta)), H)
+    for dst, src in ((d, Q), (kk, W), (beta, VB), (mats, m)):  # d, kk, beta are overwritten, as on the GPU
+        dst.reshape(-1).copy_(src.reshape(-1))
+
+
+def wkv7_chunk(Q, W, VB, vw, mats, S_in, S_out, y, T, H):
+    B, C = S_in.shape[0], Q.shape[-1]
+    yt, S = twins.wkv7_chunk(*(t.reshape(B, T, C) for t in (Q, W, VB, vw)),
+                             mats.view(B, H, -1, twins.CHUNK_MATS), S_in)
+    y.reshape(B, T, C).copy_(yt)
+    S_out.copy_(S)
 
 
 def wkv7_post(y, r, kw, vw, g, r_k, ln_w, ln_b, out, R, H):

@@ -214,6 +214,28 @@ def test_wkv7_sequence_matches_twin(K, T, kernel):
     assert rel_err(S, S_ref) <= 1e-4
 
 
+@pytest.mark.parametrize("T", [15, 33])
+def test_wkv7_chunk_mats_matches_twin(K, T):
+    """The chunks' factors (Q, W, beta / D written over d, kk, beta; kw / D, Uh, Uy, D_CH in mats),
+    the last chunk partial."""
+    from rwkv_cli.cuda import kops, twins
+
+    B, H = 2, 3
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    _, r, log_decay, k, _, kk, a = _v7_sequence_inputs(B, T, H, gen)
+    r, log_decay, k, kk, a = (t.reshape(B, T, H * 64) for t in (r, log_decay, k, kk, a))
+    d = torch.exp(log_decay)
+    ins = [t.contiguous() for t in (r, d, kk, k, kk * a)]
+    Q, W, VB, mats = twins.wkv7_chunk_mats(*ins, H)
+    outs = [t.clone() for t in ins]
+    got = torch.full((B * H * (-(-T // 16)), kops.WKV7_CHUNK_MATS), float("nan"), device="cuda")
+    K.get("wkv7_chunk_mats")(got.shape[0], 128, *outs, got, T, H, smem=kops.WKV7_CHUNK_MATS_SMEM)
+    torch.cuda.synchronize()
+    for name, x, ref in (("Q", outs[1], Q), ("W", outs[2], W), ("beta/D", outs[4], VB), ("mats", got, mats)):
+        assert rel_err(x.view_as(ref), ref) <= 1e-5, name
+    assert torch.equal(outs[0], ins[0]) and torch.equal(outs[3], ins[3])  # r and kw are kept
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("first", [False, True])
 def test_wkv7_step_matches_twin(K, dtype, first):

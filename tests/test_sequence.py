@@ -52,6 +52,32 @@ def test_wkv7_chunked_equals_steps_with_initial_state(chunk):
     assert_close_to_reference(S_seq, S, "final state")
 
 
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 150])
+def test_gpu_chunk_split_twins_equal_steps(T):
+    """The GPU kernels' split of the recurrence (`twins.wkv7_chunk_mats`: every chunk's factors,
+    `twins.wkv7_chunk`: the state carried through them) from a non-zero state, strongest decays
+    included, equals token-by-token steps."""
+    from rwkv_cli.cuda import twins
+
+    gen = torch.Generator().manual_seed(T)
+    B, H, N = 2, 3, 64
+    S0 = torch.randn(B, H, N, N, generator=gen)
+    r, k, v = (torch.randn(B, T, H, N, generator=gen) for _ in range(3))
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=gen), dim=-1)
+    a = torch.rand(B, T, H, N, generator=gen)
+    log_decay = -0.6065 * torch.rand(B, T, H, N, generator=gen)
+    log_decay[:, :, 0] = -0.6065  # a head whose decays are all the strongest: 1 / D reaches 1.6e4
+    S, outs = S0, []
+    for t in range(T):
+        o, S = wkv7_step(S, r[:, t], log_decay[:, t], k[:, t], v[:, t], kk[:, t], a[:, t])
+        outs.append(o)
+    rows = lambda x: x.reshape(B, T, H * N)  # noqa: E731
+    Q, W, VB, mats = twins.wkv7_chunk_mats(rows(r), rows(log_decay.exp()), rows(kk), rows(k), rows(kk * a), H)
+    y, S_split = twins.wkv7_chunk(Q, W, VB, rows(v), mats, S0)
+    assert_close_to_reference(y.view(B, T, H, N), torch.stack(outs, 1), "outputs")
+    assert_close_to_reference(S_split, S, "final state")
+
+
 def test_wkv4_scan_equals_steps_with_extreme_decays():
     """The log-depth scan keeps the running-max rescaling: decays from e^-5 to e^5 per step."""
     gen = torch.Generator().manual_seed(0)

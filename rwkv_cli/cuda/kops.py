@@ -29,7 +29,9 @@ GEMV_BLOCKS_PER_SM = 2  # MINB: blocks a multiprocessor holds at once; a launch 
 GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (tests, emulation)
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
 WKV7_CHUNK = 16  # kernels/rwkv7_chunk.cu CH: tokens a chunk
-WKV7_CHUNK_SMEM = (5 * 16 * 68 + 16 * 16 + 4 * 16 * 20 + 2 * 64 + 16 * (68 + 33 + 36)) * 4  # ChunkSmem
+WKV7_CHUNK_MATS = 16 * 64 + 2 * 16 * 16 + 64  # CHUNK_MATS: floats a (sequence, head, chunk) in mats
+WKV7_CHUNK_MATS_SMEM = (5 * 16 * 68 + 4 * 16 * 20 + 2 * 64) * 4  # MatsSmem
+WKV7_CHUNK_SMEM = (2 * 32 * 84 + 2 * 32 * 72 + 16 * 116 + 2 * 64) * 4  # ChunkSmem
 # A prompt's RWKV-7 recurrence: "wkv7_chunk" (16 tokens at a time), or "wkv7_seq" (token by token)
 # with RWKV_WKV7_SEQ=serial, for A/B measurements.
 WKV7_SEQ_KERNEL = "wkv7_seq" if os.environ.get("RWKV_WKV7_SEQ") == "serial" else "wkv7_chunk"
@@ -240,7 +242,8 @@ def wkv7_prep(K, r, k, v, wz, az, vz, vf, w0, a0, v0, k_k, k_a, H: int):
 
 def wkv7_seq(K, S, r, d, kk, kw, beta, vw, kernel: str | None = None):
     """Prepared fp32 [B, T, C] vectors, S [B, H, N, N] fp32 -> (y [B, T, C] fp32, new S), through
-    `kernel` ("wkv7_chunk" or "wkv7_seq"; WKV7_SEQ_KERNEL by default)."""
+    `kernel` ("wkv7_chunk" or "wkv7_seq"; WKV7_SEQ_KERNEL by default). The chunked kernels use d,
+    kk and beta up: they are overwritten with the chunks' factors (r, kw and vw are kept)."""
     B, H, N, _ = S.shape
     if N != HEAD_SIZE:
         raise ValueError(f"wkv7_seq is written for head size {HEAD_SIZE}")
@@ -250,10 +253,12 @@ def wkv7_seq(K, S, r, d, kk, kw, beta, vw, kernel: str | None = None):
     vecs = tuple(map(_c, (r, d, kk, kw, beta)))
     if (kernel or WKV7_SEQ_KERNEL) == "wkv7_chunk":
         chunks = -(-T // WKV7_CHUNK)
-        mats = torch.empty(B * H * chunks, 4, WKV7_CHUNK, WKV7_CHUNK, dtype=torch.float32, device=r.device)
+        mats = torch.empty(B * H * chunks, WKV7_CHUNK_MATS, dtype=torch.float32, device=r.device)
         if chunks:  # a grid of no blocks is a launch error; with T = 0 the state just passes through
-            K.get("wkv7_chunk_mats")(B * H * chunks, 128, *vecs, mats, T, H, smem=WKV7_CHUNK_SMEM)
-        K.get("wkv7_chunk")(B * H * 4, 128, *vecs, _c(vw), mats, _c(S), S_out, y, T, H, smem=WKV7_CHUNK_SMEM)
+            K.get("wkv7_chunk_mats")(B * H * chunks, 128, *vecs, mats, T, H, smem=WKV7_CHUNK_MATS_SMEM)
+        # now d, kk, beta hold Q, W and beta / D (kernels/rwkv7_chunk.cu)
+        K.get("wkv7_chunk")(B * H * 4, 128, vecs[1], vecs[2], vecs[4], _c(vw), mats, _c(S), S_out, y, T, H,
+                            smem=WKV7_CHUNK_SMEM)
     else:
         K.get("wkv7_seq")(B * H * 4, 64, *vecs, _c(vw), _c(S), S_out, y, T, H, smem=WKV7_SEQ_SMEM)
     return y, S_out
@@ -263,7 +268,7 @@ def wkv7_sequence(K, S, r, log_decay, k, v, kk, a, kernel: str | None = None):
     """Same inputs and outputs as `rwkv_cli.wkv.wkv7_sequence` ([B, T, H, N]), through the kernel."""
     B, T, H, N = r.shape
     f = lambda t: t.float().reshape(B, T, H * N).contiguous()  # noqa: E731
-    kk32 = f(kk)
+    kk32 = f(kk).clone()  # the chunked kernels overwrite it; the caller's kk stays as it was
     d = f(torch.exp(log_decay.float()))
     y, S = wkv7_seq(K, S.float().contiguous(), f(r), d, kk32, f(k), kk32 * f(a), f(v), kernel)
     return y.view(B, T, H, N), S

@@ -31,7 +31,7 @@ SIGNATURES = {
     "wkv7_post": "ppppppppp" + "ii",
     "wkv7_step": "pppppppp" + "i" + "ppppppppppp" + "i",
     "wkv7_seq": "pppppp" + "ppp" + "ii",
-    "wkv7_chunk": "ppppppp" + "ppp" + "ii",
+    "wkv7_chunk": "ppppp" + "ppp" + "ii",
     "wkv7_chunk_mats": "pppppp" + "ii",
     "wkv4_seq": "ppppppppppp" + "iii",
     "wkv4_step": "pppppppppppp" + "ii",

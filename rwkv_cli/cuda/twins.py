@@ -145,6 +145,68 @@ def wkv7_recurrence_step(S, r, d, kk, kw, beta, vw):
     return (S @ h(r).unsqueeze(-1)).view(B, H * N), S
 
 
+# kernels/rwkv7_chunk.cu's split of the prompt recurrence, 16 tokens a chunk (derivation there):
+# wkv7_chunk_mats forms every chunk's state-independent factors, wkv7_chunk carries the state.
+CHUNK = 16
+CHUNK_MATS = CHUNK * 64 + 2 * CHUNK * CHUNK + 64  # floats a (sequence, head, chunk): kw / D, Uh, Uy, D_CH
+
+
+def _per_chunk(x, T: int, H: int, inert: float = 0.0):
+    """[B, T, C] -> [B, H, chunks, CHUNK, N], the last chunk padded with `inert`."""
+    B, _, C = x.shape
+    nc = -(-T // CHUNK)
+    x = F.pad(x.view(B, T, C), (0, 0, 0, nc * CHUNK - T), value=inert)
+    return x.view(B, nc, CHUNK, H, C // H).permute(0, 3, 1, 2, 4)
+
+
+def _to_rows(x, T: int):
+    """_per_chunk's inverse, dropping the padding: [B, H, chunks, CHUNK, N] -> [B, T, C]."""
+    B, H, nc, _, N = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, nc * CHUNK, H * N)[:, :T]
+
+
+def wkv7_chunk_mats(r, d, kk, kw, beta, H: int):
+    """kernels/rwkv7_chunk.cu wkv7_chunk_mats: fp32 [B, T, C] r, d, kk, kw, beta -> (Q, W, B',
+    mats). With D_t the decays' product inside a chunk (D_-1 = 1), per chunk and head:
+    Q, W, B' [B, T, C] (the kernel writes them over d, kk and beta) are Q = r D - A_rb W,
+    W = (I + G_ab)^-1 (kk D_-1) and B' = beta / D; mats [B, H, chunks, CHUNK_MATS] holds
+    kw / D [16, N], Uh = (I + G_ab)^-1 G_ak, Uy = A_rk - A_rb Uh ([16, 16] each) and D_CH [N]."""
+    B, T, _ = r.shape
+    r, kk, kw, beta = (_per_chunk(t, T, H) for t in (r, kk, kw, beta))
+    D = torch.cumprod(_per_chunk(d, T, H, inert=1.0), dim=-2)
+    D_prev = torch.cat([torch.ones_like(D[..., :1, :]), D[..., :-1, :]], -2)
+    Kd, Rd, VW, VB = kk * D_prev, r * D, kw / D, beta / D
+    strict = torch.ones(CHUNK, CHUNK, device=r.device).tril(-1)
+    causal = strict + torch.eye(CHUNK, device=r.device)
+    G_ab, G_ak = (Kd @ VB.mT) * strict, (Kd @ VW.mT) * strict
+    A_rb, A_rk = (Rd @ VB.mT) * causal, (Rd @ VW.mT) * causal
+    X = torch.linalg.solve_triangular(G_ab + torch.eye(CHUNK, device=r.device), torch.cat([Kd, G_ak], -1),
+                                      upper=False, unitriangular=True)
+    W, Uh = X[..., :-CHUNK], X[..., -CHUNK:]
+    Q, Uy = Rd - A_rb @ W, A_rk - A_rb @ Uh
+    mats = torch.cat([VW.flatten(-2), Uh.flatten(-2), Uy.flatten(-2), D[..., -1, :]], -1)
+    return _to_rows(Q, T), _to_rows(W, T), _to_rows(VB, T), mats
+
+
+def wkv7_chunk(Q, W, VB, vw, mats, S):
+    """kernels/rwkv7_chunk.cu wkv7_chunk: wkv7_chunk_mats' outputs, the values vw [B, T, C] and
+    the state S [B, H, N, N] -> (y [B, T, C], S). Per chunk, for each row s of S with its values
+    v_t (t < 16): h = W s + Uh v, y = Q s + Uy v, s <- D_CH * (s + sum_t v_t kw_t / D_t - h_t B'_t)."""
+    B, T, _ = Q.shape
+    H, N = S.shape[1], S.shape[-1]
+    Q, W, VB, V = (_per_chunk(t, T, H) for t in (Q, W, VB, vw))
+    VW, Uh, Uy, Dc = mats.split([CHUNK * N, CHUNK * CHUNK, CHUNK * CHUNK, N], -1)
+    VW, Uh, Uy = VW.unflatten(-1, (CHUNK, N)), *(m.unflatten(-1, (CHUNK, CHUNK)) for m in (Uh, Uy))
+    S, ys = S.float(), []
+    for j in range(Q.shape[2]):  # rows of S are values i, columns keys; V[..., j, :, :] is [t, i]
+        Vt = V[:, :, j].mT  # [B, H, N (i), 16 (t)]
+        h = S @ W[:, :, j].mT + Vt @ Uh[:, :, j].mT  # [B, H, i, t]
+        ys.append(S @ Q[:, :, j].mT + Vt @ Uy[:, :, j].mT)
+        S = (S + Vt @ VW[:, :, j] - h @ VB[:, :, j]) * Dc[:, :, j].unsqueeze(-2)
+    y = torch.stack(ys, 2).mT  # [B, H, chunks, t, i]
+    return _to_rows(y, T), S
+
+
 def wkv7_step(r, k, v, wz, az, vz, g, vf, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, S):
     """kernels/rwkv7.cu wkv7_step: steps 3-12 for one token of B sequences ([B, C] inputs,
     vz None in layer 0, where v_first becomes v). Returns (out [B, C], S, v_first)."""
