@@ -296,9 +296,11 @@ def run_kernels(args) -> None:
     S = torch.zeros(1, H, N, N, device="cuda")
     f = lambda t: t.reshape(1, T, C).contiguous()  # noqa: E731
     prepared = (f(r), f(torch.exp(ld)), f(kk), f(k), f(kk * a), f(v))
-    used = [t.clone() for t in prepared]  # the chunked kernels overwrite d, kk and beta: restored each call,
+    # The chunked kernels overwrite d, kk and beta, so each timed call first restores its inputs
+    # from `prepared`; the restoring copies' own time is taken off.
+    used = [t.clone() for t in prepared]
 
-    def restore():  # and the restoring copies' own time taken off
+    def restore():
         for dst, src in zip(used, prepared, strict=True):
             dst.copy_(src)
 

@@ -71,9 +71,10 @@ __device__ __forceinline__ void split_tf32(float x, u32& hi, u32& lo) {
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(x - __uint_as_float(hi)));
 }
 // a b for one m16n8k8 tile, added to three accumulators: big += hi hi, small += lo hi, small2 +=
-// hi lo (kept apart so that chains of dependent mma stay short). a: A fragment (a0 (g, t), a1 (g + 8, t), a2
-// (g, t + 4), a3 (g + 8, t + 4) with g = lane / 4, t = lane % 4), b: B fragment (b0 (k = t, n = g),
-// b1 (k = t + 4, n = g)), accumulators (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+// hi lo (kept apart so that chains of dependent mma stay short). a: A fragment (a0 (g, t),
+// a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4) with g = lane / 4, t = lane % 4), b: B fragment
+// (b0 (k = t, n = g), b1 (k = t + 4, n = g)), accumulators (g, 2t), (g, 2t + 1), (g + 8, 2t),
+// (g + 8, 2t + 1).
 __device__ __forceinline__ void mma_3xtf32(float (&big)[4], float (&small)[4], float (&small2)[4], const float (&a)[4],
                                            const float (&b)[2]) {
     u32 ah[4], al[4], bh[2], bl[2];
