@@ -6,7 +6,8 @@ RWKV-7 per layer: LN1 + the six token-shift mixes in one kernel (`ln_mix`), r, k
 product and the four LoRA down-projections as another (stacked weights, `stack_for_prompts`),
 tanh and sigmoid on their w and g lanes in one `act_inplace`, the up-projections of v, w, a as one
 batched product (`stack_lora_up3`) and g's on its own, `wkv7_prep` (steps 3-7 for all tokens),
-`wkv7_chunk` (the recurrence in its chunked form, state carried, one launch), `wkv7_post`
+`wkv7_chunk_mats` + `wkv7_chunk` (the recurrence in 16-token chunks: every chunk's factors, written
+over the dead d, kk and beta, then the state carried through them), `wkv7_post`
 (GroupNorm, bonus, gate) for the positions that are kept, the output product. RWKV-4: `ln_mix`,
 products (k and v as one batched product with fp32 output), `wkv4_seq`, output product.
 
