@@ -157,12 +157,12 @@ def wkv7_sequence(S, r, log_decay, k, v, kk, a, chunk: int = 16):
     return o.view(B, nc * c, H, N)[:, :T], St.transpose(-1, -2).contiguous()
 
 
-def _chunked(x, c: int, nc: int):
-    """[B, T, H, N] -> fp32 [B, nc, c, H, N], zero-padded to nc * c tokens (a view if none needed)."""
+def _chunked(x, c: int, nc: int, pad: float = 0.0):
+    """[B, T, H, N] -> fp32 [B, nc, c, H, N], padded with `pad` to nc * c tokens (a view if none needed)."""
     B, T, H, N = x.shape
     x = x.float()
     if nc * c != T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nc * c - T))
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nc * c - T), value=pad)
     return x.view(B, nc, c, H, N)
 
 

@@ -33,48 +33,47 @@ def test_batch_rows_are_independent(version, make_ckpt):
     check_batch_rows_independent(load_model(make_ckpt(*SHAPES[version]), "cpu", "fp32"))
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
-def test_wkv7_chunked_equals_steps_with_initial_state(chunk):
-    """The chunked delta-rule solve, from a non-zero state (fla #351's failure case), strong decays included."""
-    gen = torch.Generator().manual_seed(chunk)
-    B, T, H, N = 2, 150, 3, 64
-    S0 = torch.randn(B, H, N, N, generator=gen)
-    r, k, v = (torch.randn(B, T, H, N, generator=gen) for _ in range(3))
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=gen), dim=-1)
-    a = torch.rand(B, T, H, N, generator=gen)
-    log_decay = -0.6065 * torch.rand(B, T, H, N, generator=gen)  # the full range RWKV-7 allows
-    S, outs = S0, []
-    for t in range(T):
-        o, S = wkv7_step(S, r[:, t], log_decay[:, t], k[:, t], v[:, t], kk[:, t], a[:, t])
-        outs.append(o)
-    o_seq, S_seq = wkv7_sequence(S0, r, log_decay, k, v, kk, a, chunk=chunk)
-    assert_close_to_reference(o_seq, torch.stack(outs, 1), "outputs")
-    assert_close_to_reference(S_seq, S, "final state")
-
-
-@pytest.mark.parametrize("T", [1, 15, 16, 17, 150])
-def test_gpu_chunk_split_twins_equal_steps(T):
-    """The GPU kernels' split of the recurrence (`twins.wkv7_chunk_mats`: every chunk's factors,
-    `twins.wkv7_chunk`: the state carried through them) from a non-zero state, strongest decays
-    included, equals token-by-token steps."""
-    from rwkv_cli.cuda import twins
-
-    gen = torch.Generator().manual_seed(T)
+def _wkv7_inputs_and_steps(T: int, seed: int):
+    """Random RWKV-7 recurrence inputs (B = 2, H = 3, N = 64) from a non-zero state (fla #351's
+    failure case), decays over the full range RWKV-7 allows and head 0 at the strongest decay
+    throughout (1 / D reaches 1.6e4 in a 16-token chunk), and their token-by-token result:
+    ((S0, r, log_decay, k, v, kk, a), outputs [B, T, H, N], final state)."""
+    gen = torch.Generator().manual_seed(seed)
     B, H, N = 2, 3, 64
     S0 = torch.randn(B, H, N, N, generator=gen)
     r, k, v = (torch.randn(B, T, H, N, generator=gen) for _ in range(3))
     kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=gen), dim=-1)
     a = torch.rand(B, T, H, N, generator=gen)
     log_decay = -0.6065 * torch.rand(B, T, H, N, generator=gen)
-    log_decay[:, :, 0] = -0.6065  # a head whose decays are all the strongest: 1 / D reaches 1.6e4
+    log_decay[:, :, 0] = -0.6065
     S, outs = S0, []
     for t in range(T):
         o, S = wkv7_step(S, r[:, t], log_decay[:, t], k[:, t], v[:, t], kk[:, t], a[:, t])
         outs.append(o)
-    rows = lambda x: x.reshape(B, T, H * N)  # noqa: E731
+    return (S0, r, log_decay, k, v, kk, a), torch.stack(outs, 1), S
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_wkv7_chunked_equals_steps_with_initial_state(chunk):
+    """The chunked delta-rule solve, from a non-zero state, strong decays included."""
+    inputs, outs, S = _wkv7_inputs_and_steps(150, chunk)
+    o_seq, S_seq = wkv7_sequence(*inputs, chunk=chunk)
+    assert_close_to_reference(o_seq, outs, "outputs")
+    assert_close_to_reference(S_seq, S, "final state")
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 150])
+def test_gpu_chunk_split_twins_equal_steps(T):
+    """The GPU kernels' split of the recurrence (`twins.wkv7_chunk_mats`: every chunk's factors,
+    `twins.wkv7_chunk`: the state carried through them) equals token-by-token steps."""
+    from rwkv_cli.cuda import twins
+
+    (S0, r, log_decay, k, v, kk, a), outs, S = _wkv7_inputs_and_steps(T, T)
+    B, H = r.shape[0], r.shape[2]
+    rows = lambda x: x.reshape(B, T, -1)  # noqa: E731
     Q, W, VB, mats = twins.wkv7_chunk_mats(rows(r), rows(log_decay.exp()), rows(kk), rows(k), rows(kk * a), H)
     y, S_split = twins.wkv7_chunk(Q, W, VB, rows(v), mats, S0)
-    assert_close_to_reference(y.view(B, T, H, N), torch.stack(outs, 1), "outputs")
+    assert_close_to_reference(y.view_as(outs), outs, "outputs")
     assert_close_to_reference(S_split, S, "final state")
 
 

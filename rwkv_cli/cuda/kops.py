@@ -12,7 +12,7 @@ import struct
 import torch
 
 from .loader import GEMV_PARAMS_FMT
-from .twins import Seg
+from .twins import CHUNK, CHUNK_MATS, Seg
 
 SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 HEAD_SIZE = 64  # the RWKV-7 kernels are written for N = 64 (every released model)
@@ -28,8 +28,6 @@ GEMV_MAX_KS = 8  # warps sharing a row pair (1, 2, 4, 8)
 GEMV_BLOCKS_PER_SM = 2  # MINB: blocks a multiprocessor holds at once; a launch is one wave of them
 GEMV_DEFAULT_SMS = 132  # multiprocessors assumed for tensors not on a GPU (tests, emulation)
 WKV7_SEQ_SMEM = 3 * 16 * 6 * 64 * 4 + 16 * 16 * 8 * 4  # kernels/rwkv7.cu WKV7_SEQ_SMEM (3 stages)
-WKV7_CHUNK = 16  # kernels/rwkv7_chunk.cu CH: tokens a chunk
-WKV7_CHUNK_MATS = 16 * 64 + 2 * 16 * 16 + 64  # CHUNK_MATS: floats a (sequence, head, chunk) in mats
 WKV7_CHUNK_MATS_SMEM = (5 * 16 * 68 + 4 * 16 * 20 + 2 * 64) * 4  # MatsSmem
 WKV7_CHUNK_SMEM = (2 * 32 * 84 + 2 * 32 * 72 + 16 * 116 + 2 * 64) * 4  # ChunkSmem
 # A prompt's RWKV-7 recurrence: "wkv7_chunk" (16 tokens at a time), or "wkv7_seq" (token by token)
@@ -250,18 +248,26 @@ def wkv7_seq(K, S, r, d, kk, kw, beta, vw, kernel: str | None = None):
     T = r.shape[1]
     y = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     S_out = torch.empty_like(S)
-    vecs = tuple(map(_c, (r, d, kk, kw, beta)))
     if (kernel or WKV7_SEQ_KERNEL) == "wkv7_chunk":
-        chunks = -(-T // WKV7_CHUNK)
-        mats = torch.empty(B * H * chunks, WKV7_CHUNK_MATS, dtype=torch.float32, device=r.device)
-        if chunks:  # a grid of no blocks is a launch error; with T = 0 the state just passes through
-            K.get("wkv7_chunk_mats")(B * H * chunks, 128, *vecs, mats, T, H, smem=WKV7_CHUNK_MATS_SMEM)
-        # now d, kk, beta hold Q, W and beta / D (kernels/rwkv7_chunk.cu)
-        K.get("wkv7_chunk")(B * H * 4, 128, vecs[1], vecs[2], vecs[4], _c(vw), mats, _c(S), S_out, y, T, H,
+        mats = wkv7_chunk_mats(K, r, d, kk, kw, beta, H)  # now d, kk, beta hold Q, W and beta / D
+        K.get("wkv7_chunk")(B * H * 4, 128, *map(_c, (d, kk, beta, vw)), mats, _c(S), S_out, y, T, H,
                             smem=WKV7_CHUNK_SMEM)
     else:
-        K.get("wkv7_seq")(B * H * 4, 64, *vecs, _c(vw), _c(S), S_out, y, T, H, smem=WKV7_SEQ_SMEM)
+        K.get("wkv7_seq")(B * H * 4, 64, *map(_c, (r, d, kk, kw, beta, vw, S)), S_out, y, T, H,
+                          smem=WKV7_SEQ_SMEM)
     return y, S_out
+
+
+def wkv7_chunk_mats(K, r, d, kk, kw, beta, H: int) -> torch.Tensor:
+    """Every 16-token chunk's state-independent factors (twin: `twins.wkv7_chunk_mats`): writes Q,
+    W and beta / D over d, kk and beta, and returns mats [B * H * chunks, CHUNK_MATS]."""
+    B, T, _ = r.shape
+    chunks = -(-T // CHUNK)
+    mats = torch.empty(B * H * chunks, CHUNK_MATS, dtype=torch.float32, device=r.device)
+    if chunks:  # a grid of no blocks is a launch error; with T = 0 the state just passes through
+        K.get("wkv7_chunk_mats")(B * H * chunks, 128, *map(_c, (r, d, kk, kw, beta)), mats, T, H,
+                                 smem=WKV7_CHUNK_MATS_SMEM)
+    return mats
 
 
 def wkv7_sequence(K, S, r, log_decay, k, v, kk, a, kernel: str | None = None):

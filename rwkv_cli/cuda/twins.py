@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import linear_fp32_out
+from ..wkv import _chunked
 
 DECAY_SCALE = math.exp(-0.5)
 
@@ -147,16 +148,15 @@ def wkv7_recurrence_step(S, r, d, kk, kw, beta, vw):
 
 # kernels/rwkv7_chunk.cu's split of the prompt recurrence, 16 tokens a chunk (derivation there):
 # wkv7_chunk_mats forms every chunk's state-independent factors, wkv7_chunk carries the state.
+# CH and CHUNK_MATS there (kops launches with these): tokens a chunk, and floats a (sequence, head,
+# chunk) in its buffer: kw / D, Uh, Uy, D_CH
 CHUNK = 16
-CHUNK_MATS = CHUNK * 64 + 2 * CHUNK * CHUNK + 64  # floats a (sequence, head, chunk): kw / D, Uh, Uy, D_CH
+CHUNK_MATS = CHUNK * 64 + 2 * CHUNK * CHUNK + 64
 
 
 def _per_chunk(x, T: int, H: int, inert: float = 0.0):
-    """[B, T, C] -> [B, H, chunks, CHUNK, N], the last chunk padded with `inert`."""
-    B, _, C = x.shape
-    nc = -(-T // CHUNK)
-    x = F.pad(x.view(B, T, C), (0, 0, 0, nc * CHUNK - T), value=inert)
-    return x.view(B, nc, CHUNK, H, C // H).permute(0, 3, 1, 2, 4)
+    """[B, T, C] -> fp32 [B, H, chunks, CHUNK, N], the last chunk padded with `inert`."""
+    return _chunked(x.view(x.shape[0], T, H, -1), CHUNK, -(-T // CHUNK), inert).permute(0, 3, 1, 2, 4)
 
 
 def _to_rows(x, T: int):
