@@ -191,3 +191,13 @@ def check_deep_fp16(version: str, folder) -> None:
     logits, _ = load_model(path, "cpu", "fp16").forward(tokens)
     assert torch.isfinite(logits).all()
     assert_close_to_reference(logits, ref_logits, "deep fp16 logits", rel=0.02)
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that must see Ctrl-C: a shell starts background jobs with SIGINT
+    ignored, children inherit that, and Python then installs no KeyboardInterrupt handler, so a
+    suite run as `pytest &` would fail the Ctrl-C tests for its own reasons."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

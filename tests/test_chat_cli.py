@@ -13,6 +13,8 @@ import pytest
 from rwkv_cli import load_model
 from rwkv_cli.statefile import load_state, read_meta
 
+from .conftest import default_sigint
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", RWKV_NOHISTORY="1", PROMPT_TOOLKIT_NO_CPR="1")
 GREEDY = ["--temp", "0"]
 
@@ -87,7 +89,7 @@ pexpect = pytest.importorskip("pexpect")
 
 def spawn_chat(*args):
     child = pexpect.spawn(sys.executable, ["-m", "rwkv_cli", "chat", *map(str, args)], env=ENV, timeout=60,
-                          encoding="utf-8", dimensions=(40, 200))
+                          encoding="utf-8", dimensions=(40, 200), preexec_fn=default_sigint)
     child.expect(">>>")
     return child
 

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from .conftest import default_sigint
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 GREEDY = ["--temp", "0", "--presence-penalty", "0", "--frequency-penalty", "0"]
 
@@ -103,6 +105,7 @@ def test_ctrl_c_keeps_output_and_exits_130(model):
     proc = subprocess.Popen(
         [sys.executable, "-m", "rwkv_cli", "generate", "-m", str(model), "Go", "-n", "-1", "--ignore-eos"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+        preexec_fn=default_sigint,
     )
     first = proc.stdout.read(1)  # generation has started
     time.sleep(0.3)
