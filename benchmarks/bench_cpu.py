@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu.py                      # v7 0.1B and v4 169M shapes, fp32
     python benchmarks/bench_cpu.py --shapes 7:12:768 --prefill 256 --decode 20
+    python benchmarks/bench_cpu.py --dtype bf16         # both engines in bf16 ("cpu bf16")
 
 For each shape, one child process (started with the reference's environment flags: RWKV_V7_ON
 selects its v7 class at import) loads the checkpoint into both engines and times them in turns:
@@ -44,7 +45,8 @@ def products_only_prefill(model, prompt: list[int], rounds: int) -> float:
     """Prefill tok/s of `prompt` counting only its matrix products: one forward records the input
     and weight of every `ops.linear` call (modules bind the name at import, so every loaded
     rwkv_cli module holding it gets the recording instead), then those products alone are replayed
-    and timed, best of `rounds`. This is the ceiling of any fp32 engine that forms the same products."""
+    and timed, best of `rounds`. This is the ceiling of any engine that forms the same products in
+    the same dtype."""
     from rwkv_cli import ops
 
     real, calls = ops.linear, []
@@ -80,8 +82,8 @@ def worker(args) -> None:
     from rwkv_cli.ops import cpu_matmul_backend
 
     torch.set_grad_enabled(False)
-    ours = load_model(args.worker, device="cpu", dtype="fp32")
-    ref = RWKV(model=args.worker[: -len(".pth")], strategy="cpu fp32")
+    ours = load_model(args.worker, device="cpu", dtype=args.dtype)
+    ref = RWKV(model=args.worker[: -len(".pth")], strategy=f"cpu {args.dtype}")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, ours.cfg.vocab_size, (args.prefill,), generator=gen).tolist()
 
@@ -109,7 +111,7 @@ def worker(args) -> None:
         "shape": f"L{ours.cfg.n_layer} C{ours.cfg.n_embd} V{ours.cfg.vocab_size}",
         "ours": best["ours"], "reference": best["reference"], "max_logit_diff": diff,
         "products_only_prefill": ceiling,
-        "cpu_matmul": cpu_matmul_backend(), "threads": torch.get_num_threads(),
+        "cpu_matmul": cpu_matmul_backend(), "threads": torch.get_num_threads(), "dtype": args.dtype,
     }))
 
 
@@ -120,6 +122,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=20, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=5, help="decode steps before timing")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds per engine (best kept)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both engines' weights and activations")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "rwkv-cli-bench"))
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -135,20 +138,20 @@ def main() -> None:
         version, path = bench_checkpoint(args.workdir, spec)
         env = reference_env(version)
         cmd = [sys.executable, __file__, "--worker", str(path), "--prefill", str(args.prefill),
-               "--decode", str(args.decode), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+               "--decode", str(args.decode), "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--dtype", args.dtype]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"worker failed for {spec}:\n{out.stderr[-2000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    print(f"CPU fp32, batch 1, {results[0]['threads']} threads, our matmul backend: {results[0]['cpu_matmul']}")
+    print(f"CPU {args.dtype}, batch 1, {results[0]['threads']} threads, our matmul backend: {results[0]['cpu_matmul']}")
     head = f"{'model':<22} {'decode tok/s (ours / ref / ratio)':>36} {f'prefill-{args.prefill} tok/s (ours / ref / ratio)':>42}"
     print(head)
     for r in results:
         (od, op), (rd, rp) = r["ours"], r["reference"]
         print(f"v{r['version']} {r['shape']:<19} {od:>12.1f} {rd:>9.1f} {od / rd:>10.2f}x"
               f" {op:>16.1f} {rp:>9.1f} {op / rp:>12.2f}x   (max |logit diff| {r['max_logit_diff']:.1e})")
-    print(f"prefill-{args.prefill} with nothing but its matrix products (the fp32 ceiling here):")
+    print(f"prefill-{args.prefill} with nothing but its matrix products (the {args.dtype} ceiling here):")
     for r in results:
         ceiling, rp = r["products_only_prefill"], r["reference"][1]
         print(f"v{r['version']} {r['shape']:<19} {ceiling:>12.1f} tok/s = {ceiling / rp:.2f}x the reference")

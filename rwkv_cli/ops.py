@@ -78,8 +78,58 @@ def _numpy_blas_applies(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and cpu_matmul_backend() == "numpy-blas"
 
 
+class PackedWeight:
+    """A bf16 product weight [out, in], re-laid out once at load into oneDNN's blocked format
+    (`torch.ops.mkldnn._reorder_linear_weight`), for bf16 models on the CPU. Products then skip
+    the per-call reordering that plain bf16 weights go through. Measured on the development VM
+    (AVX512-BF16 EPYC, 2 threads, weights out of cache): one token streams 20-36 GB/s of weights
+    against 13.5 for torch's plain bf16 products, so bf16 decoding reads half of fp32's bytes at
+    about fp32's rate; 256-token prompt products run at 430-455 GFLOP/s against 370-420. The
+    blocked tensor can only be multiplied (`linear`, `np_linear`), so only weights used for
+    nothing else are packed (`RWKVBase.packed_products`)."""
+
+    def __init__(self, w: torch.Tensor):
+        self.shape, self.dtype = tuple(w.shape), w.dtype
+        self.nbytes = w.numel() * w.element_size()
+        # the batch-size hint only picks the blocking; measured equal for 1 and 256 rows
+        self.blocked = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 256)
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, in] (any float dtype, rounded to bf16) -> [M, out] bf16."""
+        return torch.ops.mkldnn._linear_pointwise(x2.to(self.dtype), self.blocked, None, "none", [], "")
+
+
+def packs_bf16_weights() -> bool:
+    """Whether bf16 models loaded for the CPU now get `PackedWeight`s: not under the "torch"
+    backend (the twin), and only where oneDNN packs and multiplies a bf16 weight correctly here
+    (CPUs without bf16 support may refuse)."""
+    return _backend != "torch" and _bf16_packing_works()
+
+
+@functools.cache
+def _bf16_packing_works() -> bool:
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w = torch.randn(4, 64, generator=gen).bfloat16(), torch.randn(32, 64, generator=gen).bfloat16()
+        return torch.allclose(PackedWeight(w)(x).float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=2e-2)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def np_linear(x, w):
+    """The NumPy decoding step's products: x [..., in] fp32 ndarray @ w^T -> [..., out] fp32, with
+    w an fp32 ndarray [out, in] or a `PackedWeight` (x rounded to bf16, sums in fp32)."""
+    if isinstance(w, PackedWeight):
+        x2 = torch.from_numpy(_np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+        return w(x2).float().numpy().reshape(*x.shape[:-1], w.shape[0])
+    return x @ w.T
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ w[out, in]^T -> [..., out], in x's dtype."""
+    """x [..., in] @ w[out, in]^T -> [..., out], in x's dtype (bf16 for a `PackedWeight`)."""
+    if isinstance(w, PackedWeight):
+        x2 = x.reshape(-1, x.shape[-1])
+        return w(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], w.shape[0])
     if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and _backend != "torch":
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
@@ -156,10 +206,12 @@ def linear_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Like `linear`, but the product is formed and returned in fp32.
 
     RWKV-4's keys and values feed exponentials, and an fp16 product can overflow before any cast
-    (ChatRWKV PR #155), so half-precision inputs are promoted before the product on the CPU.
+    (ChatRWKV PR #155), so half-precision inputs are promoted before the product on the CPU. A
+    `PackedWeight`'s product is rounded to bf16 first, as the reference's bf16 products are:
+    bf16 has fp32's range, so nothing overflows.
     """
-    if x.dtype == torch.float32:
-        return linear(x, w)
+    if x.dtype == torch.float32 or isinstance(w, PackedWeight):  # bf16 needs no guard: fp32's range
+        return linear(x, w).float()
     if x.device.type == "cuda":  # half inputs, fp32 accumulation and output in one GEMM (torch >= 2.8)
         try:
             x2 = x.reshape(-1, x.shape[-1])

@@ -66,6 +66,6 @@ def test_bench_times_prompt_and_generation(make_ckpt):
     from rwkv_cli import load_model
 
     net = load_model(ckpt, "cpu", "fp32").net
-    assert rows[0]["weights_bytes"] == sum(t.numel() * t.element_size() for t in net._all_tensors())
+    assert rows[0]["weights_bytes"] == sum(t.numel() * t.element_size() for t in net._all_weights())
     table = CliRunner().invoke(app, ["bench", "-m", ckpt, "-p", "8", "-n", "2", "-r", "1"])
     assert table.exit_code == 0 and "| pp8" in table.stdout and "| tg2" in table.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rwkv_cli import ops
 from rwkv_cli.cuda import loader, twins
 from rwkv_cli.engine import load_model
 from rwkv_cli.wkv import wkv4_sequence
@@ -154,6 +155,8 @@ def emulated(monkeypatch, request):
         fake.max_smem = 1 << 20
         monkeypatch.setattr(kops, "gemv_kernel", lambda K, segs: FakeGemv(segs))
     monkeypatch.setattr(loader, "kernels_for", lambda device: fake)
+    # a GPU model's weights are plain tensors: no CPU packing of bf16 weights for the kernels
+    monkeypatch.setattr(ops, "packs_bf16_weights", lambda: False)
     return fake
 
 

@@ -15,13 +15,16 @@ def env() -> None:
     import torch
 
     from .. import __version__
-    from ..ops import cpu_matmul_backend
+    from ..ops import cpu_matmul_backend, packs_bf16_weights
 
     typer.echo(f"rwkv-cli {__version__}, Python {platform.python_version()}, torch {torch.__version__}")
     backend = cpu_matmul_backend()
     detail = {"numpy": "NumPy decoding steps, oneDNN prompt products", "numpy-blas": "NumPy decoding steps and prompt products",
               "torch": "torch throughout"}[backend]
     typer.echo(f"CPU threads: {torch.get_num_threads()}, CPU fp32 products: {backend} ({detail})")
+    bf16 = ("oneDNN, weights packed at load; NumPy decoding steps" if packs_bf16_weights()
+            else "torch (this CPU or backend gives oneDNN no packed bf16 weights)")
+    typer.echo(f"CPU bf16 products: {bf16}")
     if torch.cuda.is_available():
         from ..cuda import describe_backend
 

@@ -58,6 +58,7 @@ class RWKVBase:
         self.ln_out = (w("ln_out.weight"), w("ln_out.bias"))
         self.head = w("head.weight")  # [V, C]
         self._load_blocks(w)
+        self.packed = self._pack_products()
 
     def _fold_ln0(self, tensors) -> torch.Tensor:
         """LN0 over the embedding table, in fp32 (RWKV-7 reference: it casts before normalising)."""
@@ -66,6 +67,24 @@ class RWKVBase:
 
     def _load_blocks(self, w: WeightLoader) -> None:
         raise NotImplementedError
+
+    def packed_products(self) -> tuple[str, ...]:
+        """Layer fields that are only ever the weight of a product (`ops.linear`, `ops.np_linear`),
+        so a bf16 CPU model may hold them as `ops.PackedWeight`s; none unless a version lists them."""
+        return ()
+
+    def _pack_products(self) -> bool:
+        """bf16 on the CPU: the head and `packed_products` become `PackedWeight`s (no copy kept),
+        and decoding steps run `step_numpy` on them (activations in fp32, products in bf16)."""
+        names = self.packed_products()
+        if not (names and self.device.type == "cpu" and self.dtype == torch.bfloat16 and ops.packs_bf16_weights()):
+            return False
+        self.head = ops.PackedWeight(self.head)
+        for lw in self.layers:
+            for name in names:
+                if getattr(lw, name) is not None:  # RWKV-7's layer 0 has no value LoRA
+                    setattr(lw, name, ops.PackedWeight(getattr(lw, name)))
+        return True
 
     def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
         """The layer stack: x [B, T, C] -> [B, T', C] and the new state.
@@ -138,15 +157,18 @@ class RWKVBase:
 
     def weights_nbytes(self) -> int:
         """Bytes of the loaded weights (views of one stacked tensor count once)."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._all_tensors()}
-        return sum(storages.values())
+        weights = list(self._all_weights())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights if isinstance(t, torch.Tensor)}
+        return sum(storages.values()) + sum(t.nbytes for t in weights if isinstance(t, ops.PackedWeight))
 
-    def _all_tensors(self):
+    def _all_weights(self):
+        """Every weight: tensors, and `PackedWeight`s on a bf16 CPU model."""
+        kinds = (torch.Tensor, ops.PackedWeight)
         yield from (self.emb, *self.ln_out, self.head)
         for lw in self.layers:
             for f in dataclasses.fields(lw):
                 v = getattr(lw, f.name)
-                yield from (t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
+                yield from (t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, kinds))
 
     def forward_torch(self, tokens: torch.Tensor, state: State, full_output: bool = False):
         """`forward` without the CUDA graph (prompts, and the step that a graph captures)."""
@@ -169,26 +191,33 @@ class RWKVBase:
     # the same weights. Subclasses implement `step_numpy`; the torch path stays the twin it is
     # tested against (`RWKV_CPU_MATMUL=torch` selects it).
 
+    # A bf16 model with packed weights (`_pack_products`) steps here too: its vectors (norms,
+    # mixes, decays) are copied to fp32 arrays at the first step, its products stay packed bf16
+    # (`ops.np_linear`), and the state keeps its dtypes between steps.
+
     def _numpy_step_applies(self) -> bool:
-        return self.device.type == "cpu" and self.dtype == torch.float32 and ops.numpy_decoding()
+        return self.device.type == "cpu" and (self.dtype == torch.float32 or self.packed) and ops.numpy_decoding()
 
     def _numpy_weights(self):
         if getattr(self, "_np_cache", None) is None:
-            as_np = lambda v: v.numpy() if isinstance(v, torch.Tensor) else (tuple(map(as_np, v)) if isinstance(v, tuple) else v)  # noqa: E731
+            def as_np(v):  # fp32 tensors: views, no copy
+                if isinstance(v, tuple):
+                    return tuple(map(as_np, v))
+                return v.float().numpy() if isinstance(v, torch.Tensor) else v
             layers = [SimpleNamespace(**{f.name: as_np(getattr(lw, f.name)) for f in dataclasses.fields(lw)}) for lw in self.layers]
-            self._np_cache = SimpleNamespace(emb=self.emb.numpy(), ln_out=as_np(self.ln_out), head=self.head.numpy(), layers=layers)
+            self._np_cache = SimpleNamespace(ln_out=as_np(self.ln_out), head=as_np(self.head), layers=layers)
         return self._np_cache
 
     def _numpy_step(self, tokens: torch.Tensor, state: State):
         w = self._numpy_weights()
-        st = [SimpleNamespace(**{f.name: getattr(layer, f.name).numpy() for f in dataclasses.fields(layer)}) for layer in state.layers]
+        st = [SimpleNamespace(**{f.name: getattr(layer, f.name).float().numpy() for f in dataclasses.fields(layer)}) for layer in state.layers]
         with np.errstate(over="ignore"):  # exp overflow inside sigmoid is harmless (-> 0 or 1)
             ids = tokens.numpy()
-            x, new = self.step_numpy(w, w.emb[ids], st, **self._token_kwargs(ids))
+            x, new = self.step_numpy(w, self.emb[tokens].float().numpy(), st, **self._token_kwargs(ids))
             x = np_layer_norm(x, *w.ln_out)
-        layer_cls = type(state.layers[0])
-        layers = [layer_cls(**{k: torch.from_numpy(v) for k, v in vars(n).items()}) for n in new]
-        return torch.from_numpy(x @ w.head.T), State(state.version, layers)
+        layer_cls, dtypes = type(state.layers[0]), {f.name: getattr(state.layers[0], f.name).dtype for f in dataclasses.fields(state.layers[0])}
+        layers = [layer_cls(**{k: torch.from_numpy(v).to(dtypes[k]) for k, v in vars(n).items()}) for n in new]
+        return torch.from_numpy(ops.np_linear(x, w.head)), State(state.version, layers)
 
     def step_numpy(self, w, x, st):
         """One token for B sequences in NumPy: x [B, C]; st: per-layer namespaces of state arrays.

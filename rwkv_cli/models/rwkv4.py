@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import linear, linear_fp32_out
+from ..ops import linear, linear_fp32_out, np_linear
 from ..state import RWKV4LayerState, State
 from ..wkv import wkv4_sequence, wkv4_step
 from .common import RWKVBase, WeightLoader, np, np_layer_norm, np_sigmoid, token_shift
@@ -72,6 +72,9 @@ class RWKV4(RWKVBase):
         if emb.dtype in (torch.bfloat16, torch.float16) and w.dtype == b.dtype == emb.dtype:
             return F.layer_norm(emb, (self.cfg.n_embd,), w, b)
         return super()._fold_ln0(tensors)
+
+    def packed_products(self) -> tuple[str, ...]:
+        return ("W_k", "W_v", "W_r", "W_o", "ffn_key", "ffn_value", "ffn_receptance")
 
     def _load_blocks(self, w: WeightLoader) -> None:
         C = self.cfg.n_embd
@@ -143,13 +146,13 @@ class RWKV4(RWKVBase):
         return gated_channel_mix(lw, x, st.ffn_shift)
 
     def step_numpy(self, w, x, st):
-        """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32 only, so no rescaling)."""
+        """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32, or bf16 products: no rescaling)."""
         new = []
         for lw, s in zip(w.layers, st, strict=False):
             xx = np_layer_norm(x, *lw.ln1)
             xk, xv, xr = s.att_shift + (xx - s.att_shift) * lw.att_mix[:, 0]
-            r = np_sigmoid(xr @ lw.W_r.T)
-            k, v = xk @ lw.W_k.T, xv @ lw.W_v.T
+            r = np_sigmoid(np_linear(xr, lw.W_r))
+            k, v = np_linear(xk, lw.W_k), np_linear(xv, lw.W_v)
             # wkv_step: read the decayed average with the bonus, then absorb this token
             uk = lw.bonus + k
             q = np.maximum(s.wkv_max, uk)
@@ -159,10 +162,10 @@ class RWKV4(RWKVBase):
             q = np.maximum(decayed, k)
             e1, e2 = np.exp(decayed - q), np.exp(k - q)
             num, den = e1 * s.wkv_num + e2 * v, e1 * s.wkv_den + e2
-            x = x + (r * y) @ lw.W_o.T
+            x = x + np_linear(r * y, lw.W_o)
             xx2 = np_layer_norm(x, *lw.ln2)
             xk, xr = s.ffn_shift + (xx2 - s.ffn_shift) * lw.ffn_mix[:, 0]
-            hidden = np.maximum(xk @ lw.ffn_key.T, 0)
-            x = x + np_sigmoid(xr @ lw.ffn_receptance.T) * ((hidden * hidden) @ lw.ffn_value.T)
+            hidden = np.maximum(np_linear(xk, lw.ffn_key), 0)
+            x = x + np_sigmoid(np_linear(xr, lw.ffn_receptance)) * np_linear(hidden * hidden, lw.ffn_value)
             new.append(type(s)(att_shift=xx, wkv_num=num, wkv_den=den, wkv_max=q, ffn_shift=xx2))
         return x, new

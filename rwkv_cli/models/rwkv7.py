@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import linear
+from ..ops import linear, np_linear
 from ..state import RWKV7LayerState, State
 from ..wkv import wkv7_sequence, wkv7_step
 from .common import RWKVBase, WeightLoader, np, np_layer_norm, np_sigmoid, token_shift
@@ -162,6 +162,13 @@ class RWKV7(RWKVBase):
             if self.device.type == "cuda":
                 stack_for_prompts(self.layers[-1])
 
+    def packed_products(self) -> tuple[str, ...]:
+        # The LoRAs too, though tiny: as fp32 NumPy products, OpenBLAS's threads and oneDNN's
+        # fought over the two cores (v7 1.5B bf16 step 610 ms, packed 133). RWKV-7a steps in torch
+        # in bf16: its DeepEmbed table would need an fp32 copy for NumPy.
+        return () if self.deep_embed else ("W_r", "W_k", "W_v", "W_o", "ffn_key", "ffn_value",
+                                           "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+
     @property
     def deep_embed(self) -> bool:
         return self.cfg.variant == "7a"
@@ -270,17 +277,17 @@ class RWKV7(RWKVBase):
         for lw, s in zip(w.layers, st, strict=False):
             xx = np_layer_norm(x, *lw.ln1)
             xr, xk, xv, xw, xa, xg = xx + (s.att_shift - xx) * lw.mix[:, 0]  # 1. [6, B, C]
-            r, k, v = xr @ lw.W_r.T, xk @ lw.W_k.T, xv @ lw.W_v.T  # 2.
-            log_decay = -DECAY_SCALE * np_sigmoid(lw.w0 + np.tanh(xw @ lw.w1.T) @ lw.w2.T)  # 3.
-            a = np_sigmoid(lw.a0 + (xa @ lw.a1.T) @ lw.a2.T)  # 4.
-            g = np_sigmoid(xg @ lw.g1.T) @ lw.g2.T  # 5.
+            r, k, v = np_linear(xr, lw.W_r), np_linear(xk, lw.W_k), np_linear(xv, lw.W_v)  # 2.
+            log_decay = -DECAY_SCALE * np_sigmoid(lw.w0 + np_linear(np.tanh(np_linear(xw, lw.w1)), lw.w2))  # 3.
+            a = np_sigmoid(lw.a0 + np_linear(np_linear(xa, lw.a1), lw.a2))  # 4.
+            g = np_linear(np_sigmoid(np_linear(xg, lw.g1)), lw.g2)  # 5.
             kk = (k * lw.k_k).reshape(B, H, N)  # 6.
             kk = kk / np.maximum(np.sqrt((kk * kk).sum(-1, keepdims=True)), 1e-12)
             k = k * (1 + (a - 1) * lw.k_a)
             if lw.v0 is None:  # 7.
                 v_first = v
             else:
-                v = v + (v_first - v) * np_sigmoid(lw.v0 + (xv @ lw.v1.T) @ lw.v2.T)
+                v = v + (v_first - v) * np_sigmoid(lw.v0 + np_linear(np_linear(xv, lw.v1), lw.v2))
             r, k, v, a = (t.reshape(B, H, N) for t in (r, k, v, a))
             # 8. S <- S diag(d) + [S alpha | v] @ [beta ; k]   9. y = S r
             removed = s.wkv @ -kk[..., None]
@@ -291,14 +298,14 @@ class RWKV7(RWKVBase):
             d = y - mu
             y = (d / np.sqrt(np.mean(d * d, -1, keepdims=True) + 64e-5)).reshape(B, C) * lw.ln_x[0] + lw.ln_x[1]
             y = y + ((r * k * lw.r_k).sum(-1, keepdims=True) * v).reshape(B, C)  # 11.
-            x = x + (y * g) @ lw.W_o.T  # 12.
+            x = x + np_linear(y * g, lw.W_o)  # 12.
             xx2 = np_layer_norm(x, *lw.ln2)
-            hidden = np.maximum((xx2 + (s.ffn_shift - xx2) * lw.ffn_mix) @ lw.ffn_key.T, 0)
+            hidden = np.maximum(np_linear(xx2 + (s.ffn_shift - xx2) * lw.ffn_mix, lw.ffn_key), 0)
             hidden = hidden * hidden
             if lw.s_emb is not None:  # RWKV-7a: (x~ s1) M_tok s2 + s0, M_tok [B, R, R]
                 R = lw.s1.shape[0]
                 M = (lw.s_emb[tokens] + emb @ lw.s_emb_x.T).reshape(B, R, R)
                 hidden = hidden * (((xx2 @ lw.s1.T)[:, None, :] @ M)[:, 0] @ lw.s2.T + lw.s0)
-            x = x + hidden @ lw.ffn_value.T
+            x = x + np_linear(hidden, lw.ffn_value)
             new.append(type(s)(att_shift=xx, wkv=S, ffn_shift=xx2))
         return x, new
