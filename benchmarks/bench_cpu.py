@@ -122,7 +122,8 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=20, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=5, help="decode steps before timing")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds per engine (best kept)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both engines' weights and activations")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="both engines' weights and activations")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "rwkv-cli-bench"))
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -138,13 +139,15 @@ def main() -> None:
         version, path = bench_checkpoint(args.workdir, spec)
         env = reference_env(version)
         cmd = [sys.executable, __file__, "--worker", str(path), "--prefill", str(args.prefill),
-               "--decode", str(args.decode), "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--dtype", args.dtype]
+               "--decode", str(args.decode), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+               "--dtype", args.dtype]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"worker failed for {spec}:\n{out.stderr[-2000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    print(f"CPU {args.dtype}, batch 1, {results[0]['threads']} threads, our matmul backend: {results[0]['cpu_matmul']}")
+    r0 = results[0]
+    print(f"CPU {args.dtype}, batch 1, {r0['threads']} threads, our matmul backend: {r0['cpu_matmul']}")
     head = f"{'model':<22} {'decode tok/s (ours / ref / ratio)':>36} {f'prefill-{args.prefill} tok/s (ours / ref / ratio)':>42}"
     print(head)
     for r in results:

@@ -45,7 +45,8 @@ def plain_torch():
         ops.set_cpu_matmul_backend(before)
 
 
-packed = pytest.mark.skipif(not ops.packs_bf16_weights(), reason="oneDNN cannot pack bf16 weights on this CPU")
+packed = pytest.mark.skipif(not ops.packs_bf16_weights(),
+                            reason="oneDNN cannot pack bf16 weights on this CPU")
 
 
 @packed

@@ -77,7 +77,8 @@ class RWKVBase:
         """bf16 on the CPU: the head and `packed_products` become `PackedWeight`s (no copy kept),
         and decoding steps run `step_numpy` on them (activations in fp32, products in bf16)."""
         names = self.packed_products()
-        if not (names and self.device.type == "cpu" and self.dtype == torch.bfloat16 and ops.packs_bf16_weights()):
+        bf16_cpu = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        if not (names and bf16_cpu and ops.packs_bf16_weights()):
             return False
         self.head = ops.PackedWeight(self.head)
         for lw in self.layers:
@@ -158,7 +159,8 @@ class RWKVBase:
     def weights_nbytes(self) -> int:
         """Bytes of the loaded weights (views of one stacked tensor count once)."""
         weights = list(self._all_weights())
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights if isinstance(t, torch.Tensor)}
+        tensors = [t for t in weights if isinstance(t, torch.Tensor)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values()) + sum(t.nbytes for t in weights if isinstance(t, ops.PackedWeight))
 
     def _all_weights(self):
@@ -196,7 +198,8 @@ class RWKVBase:
     # (`ops.np_linear`), and the state keeps its dtypes between steps.
 
     def _numpy_step_applies(self) -> bool:
-        return self.device.type == "cpu" and (self.dtype == torch.float32 or self.packed) and ops.numpy_decoding()
+        fp32_or_packed = self.dtype == torch.float32 or self.packed
+        return self.device.type == "cpu" and fp32_or_packed and ops.numpy_decoding()
 
     def _numpy_weights(self):
         if getattr(self, "_np_cache", None) is None:
@@ -210,13 +213,16 @@ class RWKVBase:
 
     def _numpy_step(self, tokens: torch.Tensor, state: State):
         w = self._numpy_weights()
-        st = [SimpleNamespace(**{f.name: getattr(layer, f.name).float().numpy() for f in dataclasses.fields(layer)}) for layer in state.layers]
+        names = [f.name for f in dataclasses.fields(state.layers[0])]
+        st = [SimpleNamespace(**{n: getattr(lay, n).float().numpy() for n in names}) for lay in state.layers]
         with np.errstate(over="ignore"):  # exp overflow inside sigmoid is harmless (-> 0 or 1)
             ids = tokens.numpy()
             x, new = self.step_numpy(w, self.emb[tokens].float().numpy(), st, **self._token_kwargs(ids))
             x = np_layer_norm(x, *w.ln_out)
-        layer_cls, dtypes = type(state.layers[0]), {f.name: getattr(state.layers[0], f.name).dtype for f in dataclasses.fields(state.layers[0])}
-        layers = [layer_cls(**{k: torch.from_numpy(v).to(dtypes[k]) for k, v in vars(n).items()}) for n in new]
+        first = state.layers[0]  # bf16 models keep bf16 token shifts
+        dtypes = {n: getattr(first, n).dtype for n in names}
+        layers = [type(first)(**{k: torch.from_numpy(a).to(dtypes[k]) for k, a in vars(arrays).items()})
+                  for arrays in new]
         return torch.from_numpy(ops.np_linear(x, w.head)), State(state.version, layers)
 
     def step_numpy(self, w, x, st):

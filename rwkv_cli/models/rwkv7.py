@@ -278,7 +278,8 @@ class RWKV7(RWKVBase):
             xx = np_layer_norm(x, *lw.ln1)
             xr, xk, xv, xw, xa, xg = xx + (s.att_shift - xx) * lw.mix[:, 0]  # 1. [6, B, C]
             r, k, v = np_linear(xr, lw.W_r), np_linear(xk, lw.W_k), np_linear(xv, lw.W_v)  # 2.
-            log_decay = -DECAY_SCALE * np_sigmoid(lw.w0 + np_linear(np.tanh(np_linear(xw, lw.w1)), lw.w2))  # 3.
+            w_lora = np_linear(np.tanh(np_linear(xw, lw.w1)), lw.w2)
+            log_decay = -DECAY_SCALE * np_sigmoid(lw.w0 + w_lora)  # 3.
             a = np_sigmoid(lw.a0 + np_linear(np_linear(xa, lw.a1), lw.a2))  # 4.
             g = np_linear(np_sigmoid(np_linear(xg, lw.g1)), lw.g2)  # 5.
             kk = (k * lw.k_k).reshape(B, H, N)  # 6.
