@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import linear, linear_fp32_out
+from ..ops import linear, linear_fp32_out, np_linear
 from ..state import RWKV5LayerState, State
 from ..wkv56 import wkv5_sequence, wkv5_step, wkv6_sequence
 from .common import RWKVBase, WeightLoader, np, np_layer_norm, np_sigmoid, token_shift
@@ -110,6 +110,9 @@ class MatrixStateRWKV(RWKVBase):
             layer.wkv = wkv.expand(batch_size, -1, -1, -1).clone()
         return state
 
+    def packed_products(self) -> tuple[str, ...]:
+        return ("W_r", "W_k", "W_v", "W_g", "W_o", "ffn_key", "ffn_value", "ffn_receptance")
+
     def _rescale(self, i: int) -> tuple[float, bool]:
         """(divisor of layer i's output projections, whether to halve the residual after it)."""
         if self.dtype != torch.float16:
@@ -186,9 +189,9 @@ class MatrixStateRWKV(RWKVBase):
         y = (d / np.sqrt(np.mean(d * d, -1, keepdims=True) + GROUP_NORM_EPS)).reshape(B, H * N)
         y = y * lw.ln_x[0] + lw.ln_x[1]
         if lw.W_g is not None:
-            g = gate_in @ lw.W_g.T
+            g = np_linear(gate_in, lw.W_g)
             y = y * (g * np_sigmoid(g))
-        return y @ lw.W_o.T
+        return np_linear(y, lw.W_o)
 
 
 class RWKV5(MatrixStateRWKV):
@@ -225,17 +228,17 @@ class RWKV5(MatrixStateRWKV):
         return gated_channel_mix(lw, x, st.ffn_shift)
 
     def step_numpy(self, w, x, st):
-        """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32 only, so no rescaling)."""
+        """The RNN step of `time_mix` + `channel_mix` in NumPy (fp32, or bf16 products: no rescaling)."""
         new = []
         for lw, s in zip(w.layers, st, strict=True):
             xx = np_layer_norm(x, *lw.ln1)
             mixed = s.att_shift + (xx - s.att_shift) * lw.att_mix[:, 0]  # [3|4, B, C]
-            r, k, v = mixed[2] @ lw.W_r.T, mixed[0] @ lw.W_k.T, mixed[1] @ lw.W_v.T
+            r, k, v = np_linear(mixed[2], lw.W_r), np_linear(mixed[0], lw.W_k), np_linear(mixed[1], lw.W_v)
             y, S = self.np_wkv_step(s.wkv, r, k, v, lw.decay, lw.bonus)
             x = x + self.np_attention_output(lw, y, mixed[3] if lw.W_g is not None else None)
             xx2 = np_layer_norm(x, *lw.ln2)
             xk, xr = s.ffn_shift + (xx2 - s.ffn_shift) * lw.ffn_mix[:, 0]
-            hidden = np.maximum(xk @ lw.ffn_key.T, 0)
-            x = x + np_sigmoid(xr @ lw.ffn_receptance.T) * ((hidden * hidden) @ lw.ffn_value.T)
+            hidden = np.maximum(np_linear(xk, lw.ffn_key), 0)
+            x = x + np_sigmoid(np_linear(xr, lw.ffn_receptance)) * np_linear(hidden * hidden, lw.ffn_value)
             new.append(type(s)(att_shift=xx, wkv=S, ffn_shift=xx2))
         return x, new

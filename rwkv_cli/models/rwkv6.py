@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import linear, linear_fp32_out, matmul
+from ..ops import linear, linear_fp32_out, matmul, np_linear
 from ..state import RWKV5LayerState
 from .common import WeightLoader, np, np_layer_norm, np_sigmoid, token_shift
 from .rwkv5 import MatrixStateRWKV, load_bonus
@@ -78,6 +78,9 @@ class RWKV6(MatrixStateRWKV):
                 )
             )
 
+    def packed_products(self) -> tuple[str, ...]:
+        return (*super().packed_products(), "maa_w1", "decay_w1", "decay_w2")  # maa_w2: a batched product
+
     def time_mix_inputs(self, lw: Layer6, xx, prev):
         B, T, C = xx.shape
         delta = prev - xx  # 1.
@@ -102,17 +105,17 @@ class RWKV6(MatrixStateRWKV):
         for lw, s in zip(w.layers, st, strict=True):
             xx = np_layer_norm(x, *lw.ln1)
             delta = s.att_shift - xx  # 1.
-            z = np.tanh((xx + delta * lw.maa_x) @ lw.maa_w1.T)  # 2-3. [B, 5 D]
+            z = np.tanh(np_linear(xx + delta * lw.maa_x, lw.maa_w1))  # 2-3. [B, 5 D]
             m = z.reshape(B, 5, -1).transpose(1, 0, 2) @ lw.maa_w2  # 4. [5, B, C]
             xw, xk, xv, xr, xg = xx + delta * (lw.maa[:, 0] + m)  # 5.
-            r, k, v = xr @ lw.W_r.T, xk @ lw.W_k.T, xv @ lw.W_v.T
-            d = lw.decay_base + np.tanh(xw @ lw.decay_w1.T) @ lw.decay_w2.T
+            r, k, v = np_linear(xr, lw.W_r), np_linear(xk, lw.W_k), np_linear(xv, lw.W_v)
+            d = lw.decay_base + np_linear(np.tanh(np_linear(xw, lw.decay_w1)), lw.decay_w2)
             decay = np.exp(-np.exp(d)).reshape(B, self.cfg.n_head, self.cfg.head_size)
             y, S = self.np_wkv_step(s.wkv, r, k, v, decay, lw.bonus)
             x = x + self.np_attention_output(lw, y, xg)
             xx2 = np_layer_norm(x, *lw.ln2)
             xk, xr = xx2 + (s.ffn_shift - xx2) * lw.ffn_maa[:, 0]
-            hidden = np.maximum(xk @ lw.ffn_key.T, 0)
-            x = x + np_sigmoid(xr @ lw.ffn_receptance.T) * ((hidden * hidden) @ lw.ffn_value.T)
+            hidden = np.maximum(np_linear(xk, lw.ffn_key), 0)
+            x = x + np_sigmoid(np_linear(xr, lw.ffn_receptance)) * np_linear(hidden * hidden, lw.ffn_value)
             new.append(type(s)(att_shift=xx, wkv=S, ffn_shift=xx2))
         return x, new
