@@ -75,7 +75,7 @@ class DecodeLoop:
         if self.batch != logits.shape[0]:
             self.batch, self.step_input = logits.shape[0], self.model.step_input(logits.shape[0])
             self.host = _HostIds(self.batch) if logits.is_cuda else None
-        with cpu_forward_threads(logits):  # no fight with BLAS's spinning threads
+        with cpu_forward_threads(logits, rows=logits.shape[0]):  # no fight with BLAS's spinning threads
             tokens, checked = self.sampler.sample_checked(logits, self.step_input)
         if self.host is None:  # the CPU: step by step
             ids = checked.tolist()

@@ -90,7 +90,8 @@ class Model:
         step = self.prefill_chunk
         if step == DEFAULT_PREFILL_CHUNK and tokens.is_cuda:  # GPU: longer chunks amortise launches
             step = self.net.gpu_prefill_chunk()
-        with cpu_forward_threads(self.net.emb, prompt=tokens.shape[1] > 1):  # the finiteness sum too
+        B, T = tokens.shape
+        with cpu_forward_threads(self.net.emb, prompt=T > 1, rows=B):  # the finiteness sum too
             if tokens.shape[1] <= step:  # one chunk (every decoding step): no slicing
                 logits, state = self.net.forward(tokens, state, full_output)
             else:
@@ -117,7 +118,7 @@ class Model:
         the new state."""
         if state.batch_size != tokens.shape[0]:
             raise ValueError(f"state holds {state.batch_size} sequences but {tokens.shape[0]} tokens were given")
-        with cpu_forward_threads(self.net.emb):
+        with cpu_forward_threads(self.net.emb, rows=tokens.shape[0]):
             logits, state = self.net.forward(tokens.view(-1, 1), state)
         return logits.float(), state
 

@@ -119,11 +119,21 @@ def _bf16_packing_works() -> bool:
 
 def np_linear(x, w):
     """The NumPy decoding step's products: x [..., in] fp32 ndarray @ w^T -> [..., out] fp32, with
-    w an fp32 ndarray [out, in] or a `PackedWeight` (x rounded to bf16, sums in fp32)."""
+    w an fp32 ndarray [out, in] or a `PackedWeight` (x rounded to bf16, sums in fp32).
+
+    One sequence's row goes through NumPy's BLAS (a matrix-vector product at ~25 GB/s). Several
+    sequences' rows go through oneDNN where prompts do: OpenBLAS's sgemm repacks the weight on
+    every call and streams it at 8-10 GB/s for 2-16 rows here, oneDNN at 11-16 (on both threads:
+    `cpu_forward_threads` leaves such steps multi-threaded)."""
+    x2 = x.reshape(-1, x.shape[-1])
     if isinstance(w, PackedWeight):
-        x2 = torch.from_numpy(_np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
-        return w(x2).float().numpy().reshape(*x.shape[:-1], w.shape[0])
-    return x @ w.T
+        y = w(torch.from_numpy(_np.ascontiguousarray(x2))).float()
+    elif x2.shape[0] > 1 and _prompts_onednn():
+        x2 = torch.from_numpy(_np.ascontiguousarray(x2))
+        y = _onednn_linear()(x2, torch.from_numpy(w), None, "none", [], "")
+    else:
+        return x @ w.T
+    return y.numpy().reshape(*x.shape[:-1], w.shape[0])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -182,13 +192,14 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 512 << 20))
 
 
-def cpu_forward_threads(x: torch.Tensor, prompt: bool = False):
+def cpu_forward_threads(x: torch.Tensor, prompt: bool = False, rows: int = 1):
     """A context that runs torch single-threaded around work next to NumPy BLAS calls: a decoding
-    step and the sampling right after it, and prompts whose products NumPy forms ("numpy-blas").
-    BLAS workers keep spinning after a call. Elsewhere (a GPU, say) a no-op context, cheaply: it
-    sits on every decoding step's path."""
+    step of one sequence and the sampling right after it, and prompts whose products NumPy forms
+    ("numpy-blas"). BLAS workers keep spinning after a call. Prompts and steps of several
+    sequences (`rows`) whose products oneDNN forms keep every thread. Elsewhere (a GPU, say) a
+    no-op context, cheaply: it sits on every decoding step's path."""
     uses_blas = x.dtype == torch.float32 and x.device.type == "cpu" and numpy_decoding()
-    if not uses_blas or (prompt and _prompts_onednn()) or torch.get_num_threads() == 1:
+    if not uses_blas or ((prompt or rows > 1) and _prompts_onednn()) or torch.get_num_threads() == 1:
         return nullcontext()
     return _single_threaded()
 

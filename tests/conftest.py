@@ -137,11 +137,16 @@ def check_sequence_equals_steps(model, tokens, by_steps=None) -> None:
 
 
 def check_batch_rows_independent(model, vocab_size: int = 512) -> None:
-    """Three sequences in one batch give what each gives alone."""
-    tokens = torch.randint(0, vocab_size, (3, 20), generator=torch.Generator().manual_seed(3))
-    batch_logits, batch_state = model.forward(tokens)
+    """Three sequences in one batch give what each gives alone: a prompt, then 4 decoding steps
+    (on the CPU, one sequence's step products take NumPy's BLAS, several sequences' oneDNN)."""
+    tokens = torch.randint(0, vocab_size, (3, 24), generator=torch.Generator().manual_seed(3))
+    batch_logits, batch_state = model.forward(tokens[:, :20])
+    for t in range(20, 24):
+        batch_logits, batch_state = model.forward(tokens[:, t : t + 1], batch_state)
     for b in range(3):
-        alone, alone_state = model.forward(tokens[b : b + 1])
+        alone, alone_state = model.forward(tokens[b : b + 1, :20])
+        for t in range(20, 24):
+            alone, alone_state = model.forward(tokens[b : b + 1, t : t + 1], alone_state)
         assert_close_to_reference(batch_logits[b : b + 1], alone, f"row {b}")
         row = batch_state.select(b).to_dict()
         for name, tensor in alone_state.to_dict().items():
