@@ -12,6 +12,8 @@ On the CPU in fp32 (measured on the 2-core development machine, an AVX-512 AMD E
   prompt shapes against 150-190 for OpenBLAS and 120-190 for MKL, whose dispatch on this AMD CPU
   skips AVX-512. Where oneDNN is missing or fails its first product, NumPy's BLAS forms them
   (torch single-threaded around it), as before.
+- Decoding steps of several sequences form their products in oneDNN too (`np_linear`), and bf16
+  models hold their product weights prepacked for oneDNN (`PackedWeight`), prompts and steps.
 Backends (`RWKV_CPU_MATMUL`): "numpy" (the default, as above), "numpy-blas" (prompts through
 NumPy too) and "torch" (plain torch everywhere: the twin the others are tested against).
 """
