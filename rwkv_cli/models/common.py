@@ -85,6 +85,18 @@ class RWKVBase:
             for name in names:
                 if getattr(lw, name) is not None:  # RWKV-7's layer 0 has no value LoRA
                     setattr(lw, name, ops.PackedWeight(getattr(lw, name)))
+        # A bf16 file loaded as bf16 is not copied: the other weights are still views of its memory
+        # map, and any one of them keeps the whole mapping (every page the packing read) resident:
+        # v7 1.5B 5.9 GiB of RSS instead of 3.0. Copies of those small tensors let it go.
+        def own(v):
+            if isinstance(v, tuple):
+                return tuple(map(own, v))
+            return v.clone() if isinstance(v, torch.Tensor) else v
+
+        self.ln_out = own(self.ln_out)
+        for lw in self.layers:
+            for f in dataclasses.fields(lw):
+                setattr(lw, f.name, own(getattr(lw, f.name)))
         return True
 
     def blocks(self, x: torch.Tensor, state: State, last_only: bool = False) -> tuple[torch.Tensor, State]:
