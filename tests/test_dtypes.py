@@ -70,7 +70,7 @@ def test_packed_weight_products(rows):
 
 @packed
 @pytest.mark.parametrize("version", ["7", "4", "6", "5.2", "5.0"])
-def test_bf16_packed_model_matches_its_torch_twin(version, make_ckpt, tmp_path):
+def test_bf16_packed_model_matches_its_torch_twin(version, make_ckpt):
     """A bf16 CPU model holds its products packed and steps in NumPy; it agrees with the same
     model on plain torch (unpacked weights, torch steps) within the bf16 tolerances, through a
     prompt and 8 steps, and counts the same weight bytes."""
