@@ -92,11 +92,11 @@ class Model:
             step = self.net.gpu_prefill_chunk()
         B, T = tokens.shape
         with cpu_forward_threads(self.net.emb, prompt=T > 1, rows=B):  # the finiteness sum too
-            if tokens.shape[1] <= step:  # one chunk (every decoding step): no slicing
+            if T <= step:  # one chunk (every decoding step): no slicing
                 logits, state = self.net.forward(tokens, state, full_output)
             else:
                 outs = []
-                for t0 in range(0, tokens.shape[1], step):
+                for t0 in range(0, T, step):
                     logits, state = self.net.forward(tokens[:, t0 : t0 + step], state, full_output)
                     outs.append(logits)
                 logits = torch.cat(outs, 1) if full_output else outs[-1]

@@ -127,15 +127,12 @@ def np_linear(x, w):
     sequences' rows go through oneDNN where prompts do: OpenBLAS's sgemm repacks the weight on
     every call and streams it at 8-10 GB/s for 2-16 rows here, oneDNN at 11-16 (on both threads:
     `cpu_forward_threads` leaves such steps multi-threaded)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if isinstance(w, PackedWeight):
-        y = w(torch.from_numpy(_np.ascontiguousarray(x2))).float()
-    elif x2.shape[0] > 1 and _prompts_onednn():
-        x2 = torch.from_numpy(_np.ascontiguousarray(x2))
-        y = _onednn_linear()(x2, torch.from_numpy(w), None, "none", [], "")
-    else:
+    if isinstance(w, PackedWeight):  # ~170 calls a step at 0.1B: straight to oneDNN, not via `linear`
+        x2 = torch.from_numpy(_np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+        return w(x2).float().numpy().reshape(*x.shape[:-1], w.shape[0])
+    if x.size == x.shape[-1] or not _prompts_onednn():
         return x @ w.T
-    return y.numpy().reshape(*x.shape[:-1], w.shape[0])
+    return linear(torch.from_numpy(_np.ascontiguousarray(x)), torch.from_numpy(w)).numpy()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

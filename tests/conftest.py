@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -76,16 +77,25 @@ def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, what: str, 
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
+@contextmanager
+def cpu_matmul(name: str):
+    """Run the block with CPU products through backend `name` (see `rwkv_cli.ops`)."""
+    from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
+
+    before = cpu_matmul_backend()
+    set_cpu_matmul_backend(name)
+    try:
+        yield
+    finally:
+        set_cpu_matmul_backend(before)
+
+
 @pytest.fixture(params=["numpy", "numpy-blas", "torch"])
 def matmul_backend(request):
     """Every CPU path: the NumPy decoding step with oneDNN prompt products, the same with NumPy's
     BLAS forming the prompt products, and plain torch (their twin)."""
-    from rwkv_cli.ops import cpu_matmul_backend, set_cpu_matmul_backend
-
-    before = cpu_matmul_backend()
-    set_cpu_matmul_backend(request.param)
-    yield request.param
-    set_cpu_matmul_backend(before)
+    with cpu_matmul(request.param):
+        yield request.param
 
 
 def check_prompt_then_steps(model, ref: dict, version: str, vocab_size: int) -> None:

@@ -11,8 +11,6 @@ layers and tokens, hence the ~5x gap between the two bounds.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 import torch
@@ -26,6 +24,7 @@ from .conftest import (
     assert_close_to_reference,
     check_deep_fp16,
     check_half_precision,
+    cpu_matmul,
 )
 
 
@@ -33,16 +32,6 @@ from .conftest import (
 @pytest.mark.parametrize("shape", [("7", 4, 256, 1024), ("4", 4, 256, 1024), ("7", 8, 128, 1024)], ids=str)
 def test_half_precision_matches_fp32(shape, dtype, make_ckpt):
     check_half_precision(make_ckpt(*shape), dtype, shape[3])
-
-
-@contextmanager
-def plain_torch():
-    before = ops.cpu_matmul_backend()
-    ops.set_cpu_matmul_backend("torch")
-    try:
-        yield
-    finally:
-        ops.set_cpu_matmul_backend(before)
 
 
 packed = pytest.mark.skipif(not ops.packs_bf16_weights(),
@@ -77,7 +66,7 @@ def test_bf16_packed_model_matches_its_torch_twin(version, make_ckpt):
     path = make_ckpt(version, 4, 256, 1024)
     model = load_model(path, "cpu", "bf16")
     assert model.net.packed and isinstance(model.net.head, ops.PackedWeight)
-    with plain_torch():
+    with cpu_matmul("torch"):
         twin = load_model(path, "cpu", "bf16")
     assert not twin.net.packed
     assert model.net.weights_nbytes() == twin.net.weights_nbytes()
@@ -85,7 +74,7 @@ def test_bf16_packed_model_matches_its_torch_twin(version, make_ckpt):
     (logits, state), (want, want_state) = model.forward(tokens), twin.forward(tokens)
     for t in range(8):
         logits, state = model.forward(tokens[:, t : t + 1], state)
-        with plain_torch():
+        with cpu_matmul("torch"):
             want, want_state = twin.forward(tokens[:, t : t + 1], want_state)
     logit_tol, _, state_tol = HALF_TOLERANCES["bf16"]
     assert_close_to_reference(logits, want, "packed bf16 logits", rel=logit_tol)
