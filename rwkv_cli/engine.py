@@ -19,6 +19,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import NonFiniteError, RWKVError
+from .memory import check_fits, model_label
 from .models import model_class
 from .ops import cpu_forward_threads, keep_freed_memory
 from .state import State
@@ -151,13 +152,19 @@ def non_finite_error(dtype: torch.dtype) -> NonFiniteError:
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Model:
-    """Load a checkpoint (BlinkDL .pth or safetensors) for inference on `device` in `dtype`."""
+    """Load a checkpoint (BlinkDL .pth or safetensors) for inference on `device` in `dtype`.
+
+    A model that would not fit in the device's available memory is refused before any weight is
+    copied (`memory.check_fits`), except that `dtype="auto"` on the CPU then loads bf16 if that
+    fits, and says so on stderr.
+    """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu":
         keep_freed_memory()  # before the weights' copies: CPU prompts allocate large temporaries
     cfg, tensors = load_checkpoint(path)
+    dt = check_fits(model_label(cfg, tensors), tensors, dev, dt, auto=dtype == "auto")
     net = model_class(cfg.version)(cfg, tensors, dt, dev)
     return Model(cfg, net, Path(path), time.perf_counter() - t0, weights_fingerprint(cfg, tensors))
 

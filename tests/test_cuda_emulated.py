@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_cli import ops
+from rwkv_cli import errors, ops
 from rwkv_cli.cuda import loader, twins
 from rwkv_cli.engine import load_model
 from rwkv_cli.wkv import wkv4_sequence
@@ -241,7 +241,7 @@ def test_deep_embed_stays_on_the_torch_path(make_ckpt, emulated, monkeypatch, ca
     then captures that code (GraphStep backend "torch") and equals forward_torch."""
     from rwkv_cli.cuda.graph import GraphStep
 
-    monkeypatch.setattr(loader, "_notices", set())
+    monkeypatch.setattr(errors, "_notices", set())
     net = load_model(make_ckpt("7a", 2, 128, 512), device="cpu", dtype="fp32").net
     plain = load_model(make_ckpt("7", 3, 128, 512), device="cpu", dtype="fp32").net
     for n in (net, plain):

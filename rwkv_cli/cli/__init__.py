@@ -49,7 +49,8 @@ from . import convert  # noqa: E402,F401
 
 
 def main() -> None:
-    """Console entry point: RWKV errors become one line on stderr and exit code 1."""
+    """Console entry point: RWKV errors and running out of memory become one line on stderr and
+    exit code 1."""
     from ..errors import RWKVError
 
     try:
@@ -60,3 +61,11 @@ def main() -> None:
     except KeyboardInterrupt:
         print("[interrupted]", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from ..memory import out_of_memory_message
+
+        message = out_of_memory_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)

@@ -18,8 +18,8 @@ Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or
 Offline = Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache.", rich_help_panel="Model")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: the GPU when there is one).", rich_help_panel="Model")]
 Dtype = Annotated[str, typer.Option(
-    help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, fp16 on GPU; bf16 on a CPU: half the memory, faster "
-         "with AVX512-BF16, not bit-exact).", rich_help_panel="Model")]
+    help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, or bf16 if only that fits in memory; fp16 on GPU. "
+         "bf16 on a CPU: half the memory, faster with AVX512-BF16, not bit-exact).", rich_help_panel="Model")]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (-1: until a stop).", rich_help_panel="Sampling")]
 Temperature = Annotated[float | None, typer.Option("--temperature", "--temp", help="0 = greedy.", rich_help_panel="Sampling")]

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from collections import OrderedDict
 
 import torch
 
+from ..errors import notice
 from ..state import RWKV4LayerState, RWKV7LayerState, State
 
 MAX_GRAPHS = 4  # batch sizes kept captured at once (least recently used dropped)
@@ -229,8 +229,8 @@ class GraphStep:
             graph.keep_alive = run  # buffers and prepared launches the graph points into
             return graph
         except Exception as e:  # noqa: BLE001 - replaying eagerly is always correct
-            print(f"rwkv-cli: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                  "decoding without graphs", file=sys.stderr)
+            notice(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                   "decoding without graphs")
             self.use_graph = False
             return None
         finally:

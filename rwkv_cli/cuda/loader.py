@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import sys
 import threading
 from pathlib import Path
+
+from ..errors import notice
 
 SOURCES = ("layernorm", "gemv", "gemm", "rwkv7", "rwkv7_chunk", "rwkv4", "sampling")
 HEADERS = ("common.cuh",)
@@ -342,7 +343,6 @@ _lock = threading.Lock()
 _kernels: dict[int, Kernels | None] = {}
 _reason: str | None = None
 _noticed = False
-_notices: set[str] = set()
 
 
 def disabled_reason() -> str | None:
@@ -378,18 +378,9 @@ def kernels_for(device) -> Kernels | None:
             _reason = off
         if result is None and off is None and not _noticed:
             _noticed = True
-            print(f"rwkv-cli: fused CUDA kernels unavailable ({_reason}); using the PyTorch path", file=sys.stderr)
+            notice(f"fused CUDA kernels unavailable ({_reason}); using the PyTorch path")
         _kernels[index] = result
         return result
-
-
-def notice_once(message: str) -> None:
-    """Print a one-line notice on stderr, once per process for each message."""
-    with _lock:
-        if message in _notices:
-            return
-        _notices.add(message)
-    print(f"rwkv-cli: {message}", file=sys.stderr)
 
 
 def status() -> str | None:

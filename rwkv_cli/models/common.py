@@ -139,7 +139,7 @@ class RWKVBase:
         if self.cfg.version == "7" and self.cfg.head_size != 64:
             return None
         if self.cfg.variant == "7a":  # the kernels do not know DeepEmbed (§7.5)
-            from ..cuda.loader import notice_once
+            from ..errors import notice_once
 
             notice_once("the fused CUDA kernels do not cover RWKV-7a (DeepEmbed); using the PyTorch path")
             return None
