@@ -62,7 +62,8 @@ def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes left under this process's cgroup memory limit: limit - (usage - inactive file pages),
     the working set that container runtimes compare with the limit. None without a limit.
 
@@ -83,7 +84,8 @@ def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
         if controllers == "":
             files, base = ("memory.max", "memory.current", "inactive_file"), root
         elif "memory" in controllers.split(","):
-            files, base = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"), root / "memory"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            base = root / "memory"
         else:
             continue
         own = base / path.lstrip("/")

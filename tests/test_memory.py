@@ -34,11 +34,11 @@ def with_available(monkeypatch, n: int) -> None:
 
 
 def test_weights_bytes_counts_the_loaded_model(ckpt):
-    """The estimate is the loaded model's weights to within the few fp32 vectors (and the
-    per-layer stacking nothing adds on the CPU)."""
+    """The estimate is the loaded model's weights, to within the few vectors kept in fp32."""
     _, tensors = load_checkpoint(ckpt)
     net = load_model(ckpt, device="cpu", dtype="fp32").net
-    assert abs(memory.weights_bytes(tensors, torch.float32) - net.weights_nbytes()) < 0.02 * net.weights_nbytes()
+    loaded = net.weights_nbytes()
+    assert abs(memory.weights_bytes(tensors, torch.float32) - loaded) < 0.02 * loaded
     assert memory.weights_bytes(tensors, torch.bfloat16) * 2 == memory.weights_bytes(tensors, torch.float32)
 
 
@@ -129,8 +129,10 @@ def test_out_of_memory_errors_become_one_line():
         torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: the CPU allocator refuses at once
     except RuntimeError as e:
         cpu = memory.out_of_memory_message(e)
-    assert cpu == "out of memory (could not allocate 1048576.0 GiB); try --dtype bf16, a smaller --batch-size or a smaller model"
-    gpu = memory.out_of_memory_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB\nmore"))
+    assert cpu == ("out of memory (could not allocate 1048576.0 GiB); "
+                   "try --dtype bf16, a smaller --batch-size or a smaller model")
+    cuda_error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB\nmore")
+    gpu = memory.out_of_memory_message(cuda_error)
     assert gpu.startswith("out of GPU memory (CUDA out of memory. Tried to allocate 20 GiB); ")
     assert memory.out_of_memory_message(MemoryError()).startswith("out of memory (MemoryError)")
     assert memory.out_of_memory_message(RuntimeError("shape mismatch")) is None
