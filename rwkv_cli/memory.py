@@ -126,7 +126,7 @@ def check_fits(label: str, tensors: dict, device, dtype, auto: bool):
     if need <= free:
         return dtype
     name = _dtype_name(dtype)
-    where = f"free on {device}" if device.type == "cuda" else "available"
+    where = f"free on {_gpu_name(device)}" if device.type == "cuda" else "available"
     smaller = torch.bfloat16 if device.type == "cpu" else torch.float16
     small_need = required_bytes(weights_bytes(tensors, smaller))
     if dtype == torch.float32 and small_need <= free and auto:
@@ -150,6 +150,12 @@ def model_label(cfg, tensors: dict) -> str:
     return f"{cfg.name} {size}"
 
 
+def _gpu_name(device) -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+
+
 def gib(n: int) -> str:
     return f"{n / GIB:.1f}"
 
@@ -163,8 +169,12 @@ def out_of_memory_message(e: BaseException) -> str | None:
     allocator, NumPy), or None if `e` is something else."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     torch = sys.modules.get("torch")  # imported if the failure came from it
-    if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
-        return f"out of GPU memory ({text[:160]}); try a smaller --batch-size, or --device cpu"
+    # the caching allocator's error, or CUDA's own (a context, a cuBLAS handle, a kernel's launch)
+    cuda_says = isinstance(e, RuntimeError) and re.search(
+        r"CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED", text)
+    if cuda_says or (torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)):
+        return (f"out of GPU memory ({text[:160]}); free some GPU memory, use --device cpu, "
+                "or decode fewer sequences at once (--batch-size)")
     if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
         asked = re.search(r"tried to allocate (\d+) bytes", text)  # torch's CPU allocator says how much
         what = f"could not allocate {gib(int(asked[1]))} GiB" if asked else text[:160]
