@@ -28,11 +28,13 @@ def weights_bytes(tensors: dict, dtype) -> int:
     return sum(t.numel() for t in tensors.values()) * ITEM_BYTES[str(dtype).replace("torch.", "")]
 
 
-def required_bytes(weights: int) -> int:
-    """Memory a loaded model needs to run: its weights plus room for a prompt's temporaries (on a
-    GPU up to 7% of the weights, `RWKVBase.gpu_prefill_chunk`), states, logits and the allocators'
-    caches (on the CPU `ops.keep_freed_memory` keeps up to 512 MB of freed blocks)."""
-    return weights + weights // 10 + 512 * MIB
+def required_bytes(weights: int, device_type: str) -> int:
+    """Memory a loaded model needs to run: its weights, plus 512 MiB and a share of the weights
+    for a prompt's temporaries, states, logits and the allocators' caches. A GPU: 10% (a prompt
+    chunk's temporaries are sized to 7% of the weights, `RWKVBase.gpu_prefill_chunk`, and cuBLAS
+    and the CUDA graphs hold workspaces). The CPU: 3% (a 256-token chunk's temporaries are tens
+    of MB; `ops.keep_freed_memory` keeps up to 512 MB of freed blocks)."""
+    return weights + weights // (10 if device_type == "cuda" else 32) + 512 * MIB
 
 
 def available_bytes(device) -> int | None:
@@ -122,13 +124,13 @@ def check_fits(label: str, tensors: dict, device, dtype, auto: bool):
     free = available_bytes(device)
     if free is None:
         return dtype
-    need = required_bytes(weights_bytes(tensors, dtype))
+    need = required_bytes(weights_bytes(tensors, dtype), device.type)
     if need <= free:
         return dtype
     name = _dtype_name(dtype)
     where = f"free on {_gpu_name(device)}" if device.type == "cuda" else "available"
     smaller = torch.bfloat16 if device.type == "cpu" else torch.float16
-    small_need = required_bytes(weights_bytes(tensors, smaller))
+    small_need = required_bytes(weights_bytes(tensors, smaller), device.type)
     if dtype == torch.float32 and small_need <= free and auto:
         notice(f"{label} needs ~{gib(need)} GiB in fp32 but {gib(free)} GiB of memory is {where}: "
                f"loading it in bf16 (~{gib(small_need)} GiB; not bit-exact with fp32)")

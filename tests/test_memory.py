@@ -25,7 +25,7 @@ def needs(ckpt, monkeypatch):
     """What the test checkpoint needs in each dtype; the skip switch unset."""
     monkeypatch.delenv(memory.SKIP_ENV, raising=False)
     _, tensors = load_checkpoint(ckpt)
-    return {name: memory.required_bytes(memory.weights_bytes(tensors, dt))
+    return {name: memory.required_bytes(memory.weights_bytes(tensors, dt), "cpu")
             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
