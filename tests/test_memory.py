@@ -188,3 +188,32 @@ def test_gpu_free_memory_is_checked(ckpt, make_ckpt, monkeypatch):
         del hog
         torch.cuda.empty_cache()
     assert load_model(big, device="cuda", dtype="auto").dtype == torch.float16
+
+
+def test_chat_goes_on_after_out_of_memory(make_ckpt, monkeypatch, capsys):
+    """A reply that runs out of memory is one error line; the chat reads the next message, and the
+    conversation goes on from the state before the failed turn."""
+    import io
+
+    from rwkv_cli import engine
+    from rwkv_cli.cli import main
+
+    real, calls = engine.Model.forward, []
+
+    def first_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Model, "forward", first_fails)
+    world = make_ckpt("7", 2, 64, 65536)
+    monkeypatch.setattr(sys, "argv", ["rwkv", "chat", "-m", str(world), "--temp", "0", "-n", "4"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nHello\n/show\n"))
+    with pytest.raises(SystemExit) as e:
+        main()  # ends at the end of stdin
+    out = capsys.readouterr()
+    assert e.value.code == 0
+    assert "error: out of GPU memory (CUDA out of memory." in out.err
+    assert len(calls) > 1 and out.out.strip()  # the second message got a reply
+    assert "exchanges: 1" in out.err  # the failed turn left nothing behind

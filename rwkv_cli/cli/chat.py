@@ -166,7 +166,11 @@ class ChatUI:
         self.autosave()
 
     def stream(self, pieces) -> None:
-        """Print a reply as it arrives; Ctrl-C stops it but keeps what was said (and the state)."""
+        """Print a reply as it arrives; Ctrl-C stops it but keeps what was said (and the state).
+        Running out of memory mid-reply (a GPU shared with other work) is one error line, and the
+        conversation goes on from the last state that was computed."""
+        from ..memory import out_of_memory_message
+
         out, first = sys.stdout, True
         try:
             for piece in pieces:
@@ -178,6 +182,15 @@ class ChatUI:
             out.write("\n")
             out.flush()
             c.err("[interrupted]")
+            self.autosave()
+            return
+        except (MemoryError, RuntimeError) as e:
+            message = out_of_memory_message(e)
+            if message is None:
+                raise
+            out.write("\n")
+            out.flush()
+            c.err(f"error: {message}")
             self.autosave()
             return
         out.write("\n")
