@@ -32,11 +32,16 @@ DEFAULT_PREFILL_CHUNK = 256
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise RWKVError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RWKVError("--device cuda was requested, but no CUDA GPU is available to PyTorch")
+        raise RWKVError(f"--device {device} was requested, but no CUDA GPU is available to PyTorch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RWKVError(f"--device {device} was requested, but PyTorch sees {torch.cuda.device_count()} GPU(s)")
     if dev.type not in ("cpu", "cuda"):
-        raise RWKVError(f"unsupported device {device!r} (use cpu or cuda)")
+        raise RWKVError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
     return dev
 
 

@@ -91,6 +91,9 @@ def test_batch_jsonl_in_order_with_error_lines(model, tmp_path):
         (["generate", "-m", "no-such-owner/no-such-repo", "hi"], b"", 1, b"error:"),
         (["generate", "-m", "{bad}", "hi"], b"", 1, b"not a checkpoint"),
         (["generate", "-m", "{model}", "hi", "--top-p", "3"], b"", 2, b"top_p"),
+        (["generate", "-m", "{model}", "hi", "--device", "tpu"], b"", 2, b"'tpu' is not one of auto, cpu"),
+        (["generate", "-m", "{model}", "hi", "--dtype", "fp64"], b"", 2, b"'fp64' is not one of auto, fp32"),
+        (["generate", "-m", "{model}", "hi", "--device", "cuda:9"], b"", 1, b"error: --device cuda:9 was requested"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, stdin, code, message, model, tmp_path):

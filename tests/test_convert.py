@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -37,6 +39,9 @@ def test_other_layouts_convert_to_blinkdl_names(tmp_path):
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
         assert set(f.keys()) == set(sd) and f.get_tensor("blocks.1.att.w1").shape == (128, 32)
     assert cfg.version == "7"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
     blinkdl = write_checkpoint(tmp_path / "b.pth", sd)
     assert torch.equal(logits_of(tmp_path / "out.safetensors"), logits_of(blinkdl))
 

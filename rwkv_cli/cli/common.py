@@ -6,6 +6,7 @@ documents them the same way. Nothing heavy is imported at module level.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated
 
@@ -16,10 +17,26 @@ from ..hub import MODEL_HELP
 Model = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, rich_help_panel="Model")]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
 Offline = Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache.", rich_help_panel="Model")]
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: the GPU when there is one).", rich_help_panel="Model")]
+
+
+def _device_choice(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def _dtype_choice(value: str) -> str:
+    if value not in ("auto", "fp32", "bf16", "fp16"):
+        raise typer.BadParameter(f"{value!r} is not one of auto, fp32, bf16, fp16")
+    return value
+
+
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one).",
+                                     callback=_device_choice, rich_help_panel="Model")]
 Dtype = Annotated[str, typer.Option(
     help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, or bf16 if only that fits in memory; fp16 on GPU. "
-         "bf16 on a CPU: half the memory, faster with AVX512-BF16, not bit-exact).", rich_help_panel="Model")]
+         "bf16 on a CPU: half the memory, faster with AVX512-BF16, not bit-exact).",
+    callback=_dtype_choice, rich_help_panel="Model")]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (-1: until a stop).", rich_help_panel="Sampling")]
 Temperature = Annotated[float | None, typer.Option("--temperature", "--temp", help="0 = greedy.", rich_help_panel="Sampling")]

@@ -77,6 +77,9 @@ def convert_checkpoint(source, output, dtype: str | None = None):
     meta = {"format": "pt", "rwkv_version": cfg.version, "converted_by": f"rwkv-cli {__version__}"}
     try:
         save_file(out, str(tmp), metadata=meta)
+        umask = os.umask(0)  # safetensors creates the file 0600; give it the mode any new file gets
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
