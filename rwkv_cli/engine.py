@@ -67,6 +67,7 @@ class Model:
     load_seconds: float
     fingerprint: str = ""  # identifies the weights (see `weights_fingerprint`); state files record it
     source: str | None = None  # how the user named the model (a Hub spec), for messages
+    spec: str | None = None  # a spec that finds exactly these weights again (state files record it)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     @property

@@ -173,18 +173,20 @@ class BatchRequest:
     stop: tuple[str, ...] = ()
 
 
-def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_size: int = 8, stop_at_eos: bool = True):
+def generate_batch(model: Model, tokenizer, requests: list[BatchRequest], batch_size: int = 8, stop_at_eos: bool = True,
+                   initial: State | None = None):
     """Generate for many prompts, `batch_size` sequences decoding together through the batched
-    engine. Prompts are prefilled one by one (they differ in length; an RNN cannot pad), then the
-    group decodes in lockstep, dropping sequences as they finish. Yields (index, result dict) in
-    completion order; results have the fields of `Generation.as_dict`."""
+    engine. Prompts are prefilled one by one (they differ in length; an RNN cannot pad), each
+    from `initial` (one sequence's state, e.g. a document read once; None: the zero state), then
+    the group decodes in lockstep, dropping sequences as they finish. Yields (index, result dict)
+    in completion order; results have the fields of `Generation.as_dict`."""
     eos = getattr(tokenizer, "eos_id", 0) if stop_at_eos else None
     for start in range(0, len(requests), batch_size):
         group = list(range(start, min(start + batch_size, len(requests))))
         states, logits, timings = [], [], {}
         for i in group:
             t0 = time.perf_counter()
-            lg, st = model.forward([requests[i].prompt_ids])
+            lg, st = model.forward([requests[i].prompt_ids], initial)  # `initial` is not modified
             timings[i] = Timings(len(requests[i].prompt_ids), time.perf_counter() - t0)
             states.append(st)
             logits.append(lg)

@@ -102,6 +102,14 @@ class ResolvedModel:
             return str(self.path)
         return f"{self.repo_id}:{self.filename}" + (f"@{self.revision[:12]}" if self.revision else "")
 
+    @property
+    def exact_spec(self) -> str:
+        """A spec that resolves to this very file later, from any folder: the absolute path of a
+        local file, or repo:file@commit (the whole hash: offline lookups need it)."""
+        if self.repo_id is None:
+            return os.path.abspath(self.path)
+        return f"{self.repo_id}:{self.filename}" + (f"@{self.revision}" if self.revision else "")
+
 
 def resolve_model_option(
     spec: str | None, offline: bool = False, revision: str | None = None

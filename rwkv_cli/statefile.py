@@ -5,7 +5,7 @@ optionally `logits` (the model's output after the last token, so generation can 
 without re-reading anything), and string metadata:
 
     "format": "rwkv-cli-state", "format_version": "1",
-    "meta": JSON {model: {source, fingerprint, architecture}, tokenizer, tokens, transcript,
+    "meta": JSON {model: {source, spec, fingerprint, architecture}, tokenizer, tokens, transcript,
                   sampling, created, updated, ...}
 
 Files are written atomically: a temporary file beside the target, fsync, rename, fsync of the
@@ -48,6 +48,7 @@ def model_identity(model) -> dict:
     cfg = model.cfg
     return {
         "source": str(getattr(model, "source", None) or model.path),
+        "spec": getattr(model, "spec", None) or os.path.abspath(model.path),  # what resuming without -m loads
         "fingerprint": model.fingerprint,
         "architecture": {
             "version": cfg.version, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +84,60 @@ def test_state_save_then_generate_from_it(model, tmp_path):
     direct = run("generate", "-m", model, "-f", doc, "-n", "6", *GREEDY, "-q")
     # continuing a state with no prompt at all: the saved logits are the next token's
     assert run("generate", "-m", model, "--state", st, "-n", "6", *GREEDY, "-q") == direct
+
+
+def test_a_state_names_its_model_and_given_settings_win(model, tmp_path):
+    """Resuming without -m loads the model the state was saved with (from another folder too);
+    sampling flags and --think given now apply, a new --system is refused with a notice."""
+    state = tmp_path / "chat.rwkvstate"
+    assert rwkv("chat", "-m", model, *GREEDY, "-n", "4", "--state", state, stdin="hi\n").returncode == 0
+    env = {k: v for k, v in ENV.items() if k != "RWKV_MODEL"}
+    out = subprocess.run([sys.executable, "-m", "rwkv_cli", "chat", "--state", str(state), "--temp", "0.7",
+                          "--think", "--system", "new"], input=b"/show\n", capture_output=True, env=env,
+                         cwd="/", timeout=120)
+    err = out.stderr.decode()
+    assert out.returncode == 0, err
+    assert f"loaded {model} (the model of {state})" in err
+    assert "temperature=0.7" in err and "think: on" in err and "--system is not applied" in err
+    moved = tmp_path / "elsewhere.pth"
+    Path(model).rename(moved)
+    try:
+        gone = rwkv("generate", "--state", state, "x", "-n", "2")
+    finally:
+        moved.rename(model)
+    assert gone.returncode == 1 and gone.stderr.decode().count("\n") == 1
+    assert f"{state} was saved with {model}, which cannot be loaded here" in gone.stderr.decode()
+
+
+def test_chat_from_a_read_document_keeps_the_document(model, tmp_path):
+    """A state from `rwkv state save` is a starting point: chatting from it saves the chat next to
+    it and leaves the document's state as it was."""
+    doc = tmp_path / "doc.rwkvstate"
+    assert rwkv("state", "save", "-m", model, "-p", "A manual.", "-o", doc, "-q").returncode == 0
+    before = doc.read_bytes()
+    for n in (1, 2):
+        out = rwkv("chat", "--state", doc, *GREEDY, "-n", "3", stdin="hi\n")
+        assert out.returncode == 0 and "holds a read prompt (not a chat)" in out.stderr.decode()
+    assert doc.read_bytes() == before
+    chats = [tmp_path / "doc-chat.rwkvstate", tmp_path / "doc-chat-2.rwkvstate"]
+    assert all(read_meta(p)["kind"] == "chat" and read_meta(p)["tokens"] > 3 for p in chats)
+
+
+def test_batch_prompts_from_a_state(model, tmp_path):
+    """`generate --batch --state`: every prompt starts from the state, as `generate --state` does
+    for one; --save-state has no single sequence to save there."""
+    st = tmp_path / "doc.rwkvstate"
+    assert rwkv("state", "save", "-m", model, "-p", "The secret word is apricot.", "-o", st, "-q").returncode == 0
+    jobs = tmp_path / "q.jsonl"
+    jobs.write_text('{"prompt": " Q: the word?"}\n{"prompt": " Q: again?"}\n')
+    out = rwkv("generate", "--batch", jobs, "--state", st, "-n", "5", *GREEDY, "-q")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    for row, prompt in zip(rows, (" Q: the word?", " Q: again?"), strict=True):
+        one = rwkv("generate", "--state", st, prompt, "-n", "5", *GREEDY, "-q", "--json")
+        assert json.loads(one.stdout)["tokens"] == row["tokens"]
+    refused = rwkv("generate", "--batch", jobs, "--save-state", tmp_path / "x", "-m", model)
+    assert refused.returncode == 2 and b"--batch runs many" in refused.stderr
 
 
 pexpect = pytest.importorskip("pexpect")

@@ -77,7 +77,7 @@ def chat(
     from ..session import ChatSession
     from ..statefile import load_state, load_tuned_state
 
-    net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
+    net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet, state_file=state_file)
     family = "world" if getattr(tok, "name", "") == "world" or net.cfg.version == "7" else "pile"
     defaults = dict(CHAT_DEFAULTS[family])
     if init_state is not None:  # a tuned state wants less randomness (ChatRWKV)
@@ -91,11 +91,42 @@ def chat(
     if state_file is not None and state_file.exists():
         saved = load_state(state_file, net)
         ui.restore(saved)
-        if not quiet:
+        _prefer_given_settings(session, flags, think, system, raw)
+        if saved.meta.get("kind", "chat") != "chat":  # a read document stays as it is, to start from again
+            ui.state_file = _beside(state_file, "chat")
+            c.err(f"{state_file} holds a read {saved.meta.get('kind')} (not a chat): the chat starts from it "
+                  f"and is saved to {ui.state_file}")
+        elif not quiet:
             c.err(f"resumed {state_file}: {len(session.exchanges)} exchanges, {session.tokens_consumed} tokens")
         if show_transcript:
             ui.print_transcript()
     ui.run()
+
+
+def _prefer_given_settings(session, flags: dict, think, system, raw: bool) -> None:
+    """After a resume, the settings given on this command line win over the saved ones where
+    they can: sampling and think apply to the next turns. A system prompt or raw mode is part of
+    the conversation already read, so a different one is not applied, and that is said."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        session.params = session.params.with_overrides(**given)
+    if think is not None:
+        session.think = think
+    if system is not None and system != session.system:
+        c.err("--system is not applied to a resumed conversation (its system prompt is in the state); "
+              "/system TEXT starts over with a new one")
+    if raw and not session.raw:
+        c.err("--raw is not applied to a resumed conversation that used the chat template")
+
+
+def _beside(path: Path, tag: str) -> Path:
+    """`name-TAG.ext` next to `path`, or `name-TAG-2.ext`, ... : the first that does not exist."""
+    n = 1
+    while True:
+        candidate = path.with_name(f"{path.stem}-{tag}{'' if n == 1 else f'-{n}'}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        n += 1
 
 
 class ChatUI:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -67,21 +68,46 @@ def sampling_params(defaults: dict, **flags):
 
 
 def load_model_for_cli(model: str | None, revision: str | None, offline: bool, device: str, dtype: str,
-                       quiet: bool = False, tokenizer: bool = True):
+                       quiet: bool = False, tokenizer: bool = True, state_file=None):
     """Resolve the spec and load the weights (`Model.source` set to how the spec resolved) and,
-    unless `tokenizer=False`, the model's tokenizer. Returns (model, tokenizer or None)."""
+    unless `tokenizer=False`, the model's tokenizer. Returns (model, tokenizer or None).
+
+    Without -m, an existing `state_file` names the model: the one it was saved with (a state
+    works only with its own weights), before $RWKV_MODEL and the default."""
     from ..engine import load_model
+    from ..errors import RWKVError
     from ..hub import resolve_model_option
     from ..tokenizer import load_tokenizer_for
 
-    resolved = resolve_model_option(model, offline=offline, revision=revision)
+    recorded = model is None and state_file is not None and Path(state_file).is_file()
+    if recorded:
+        model, saved_source = _model_of_state(state_file)
+    try:
+        resolved = resolve_model_option(model, offline=offline, revision=revision)
+    except RWKVError as e:
+        if not recorded:
+            raise
+        raise RWKVError(f"{state_file} was saved with {saved_source}, which cannot be loaded here ({e}); "
+                        "give -m") from None
     loaded = load_model(resolved.path, device=device, dtype=dtype)
-    loaded.source = resolved.source
+    loaded.source, loaded.spec = resolved.source, resolved.exact_spec
     tok = load_tokenizer_for(resolved.path, loaded.cfg.vocab_size, offline=offline or None) if tokenizer else None
     if not quiet:
         dtype_name = str(loaded.dtype).replace("torch.", "")
-        err(f"loaded {resolved.source}: {loaded.cfg.describe()} on {loaded.device} {dtype_name} ({loaded.load_seconds:.1f} s)")
+        how = f" (the model of {state_file})" if recorded else ""
+        err(f"loaded {resolved.source}{how}: {loaded.cfg.describe()} on {loaded.device} {dtype_name} "
+            f"({loaded.load_seconds:.1f} s)")
     return loaded, tok
+
+
+def _model_of_state(path) -> tuple[str, str]:
+    """(spec to load, source for messages) of the model a state file was saved with. Files from
+    before `spec` was recorded name the model by its source, which resolves if it was a path."""
+    from ..statefile import read_meta
+
+    identity = read_meta(path)["model"]
+    source = str(identity.get("source") or "an unnamed model")
+    return str(identity.get("spec") or source), source
 
 
 def read_stdin_text() -> str | None:

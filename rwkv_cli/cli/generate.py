@@ -22,7 +22,7 @@ def generate(
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.", rich_help_panel="Input")] = None,
     batch: Annotated[Path | None, typer.Option("--batch", help="JSONL file, one {\"prompt\": ...} per line; writes one JSON line per input, in order.", rich_help_panel="Input")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together with --batch (0: 8 on CPU, 64 on GPU).", rich_help_panel="Input")] = 0,
-    state: Annotated[Path | None, typer.Option("--state", help="Start from this state file (rwkv state save / chat --state); the prompt may then be empty.", rich_help_panel="Input")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Start from this state file (rwkv state save / chat --state); the prompt may then be empty. With --batch, every prompt starts from it. Without -m, the model it was saved with is loaded.", rich_help_panel="Input")] = None,
     save_state: Annotated[Path | None, typer.Option("--save-state", help="Save the state after generating (to continue later).", rich_help_panel="Output")] = None,
     model: c.Model = None,
     revision: c.Revision = None,
@@ -61,13 +61,20 @@ def generate(
     if batch is not None:
         if prompt is not None or file is not None:
             raise typer.BadParameter("--batch takes its prompts from the file; give no prompt or --file")
+        if save_state is not None:
+            raise typer.BadParameter("--save-state saves one sequence's state; --batch runs many")
         lines = _read_batch_file(batch)
-        net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
+        net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet, state_file=state)
+        initial = None
+        if state is not None:  # every prompt starts from it: many questions about one document
+            from ..statefile import load_state
+
+            initial = load_state(state, net).state
         size = batch_size or (64 if net.device.type == "cuda" else 8)
-        _run_batch(net, tok, lines, params, max_tokens, tuple(stop or ()), size, not ignore_eos)
+        _run_batch(net, tok, lines, params, max_tokens, tuple(stop or ()), size, not ignore_eos, initial)
         return
     text = _prompt_text(prompt, file, allow_empty=state is not None)
-    net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
+    net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet, state_file=state)
     from ..generate import Generation
 
     start_state = start_logits = None
@@ -176,7 +183,8 @@ def _parse_batch_line(line: str, tok, params, max_tokens: int, stop: tuple):
     return item.get("id"), BatchRequest(tok.encode(prompt), line_params, n, stops)
 
 
-def _run_batch(net, tok, lines: list[str], params, max_tokens: int, stop: tuple, batch_size: int, stop_at_eos: bool) -> None:
+def _run_batch(net, tok, lines: list[str], params, max_tokens: int, stop: tuple, batch_size: int, stop_at_eos: bool,
+               initial=None) -> None:
     """Write one JSON line per input line, in input order, as soon as each one (and those
     before it) are done. Bad lines get an error object; the others still run."""
     from ..generate import generate_batch
@@ -205,7 +213,7 @@ def _run_batch(net, tok, lines: list[str], params, max_tokens: int, stop: tuple,
             next_line += 1
 
     emit_ready()
-    for i, result in generate_batch(net, tok, requests, batch_size, stop_at_eos):
+    for i, result in generate_batch(net, tok, requests, batch_size, stop_at_eos, initial):
         n = where[i]
         outputs[n] = {**outputs[n], **result}
         pending.discard(n)
