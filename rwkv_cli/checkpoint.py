@@ -68,7 +68,14 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
+    _refuse_state_file(path, header.get("__metadata__"))
     return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _refuse_state_file(path: Path, metadata: dict | None) -> None:
+    """Our own state files are safetensors too: name the mix-up instead of a missing emb.weight."""
+    if (metadata or {}).get("format") == "rwkv-cli-state":
+        raise CheckpointError(f"{path}: an rwkv-cli state file, not a model checkpoint (use it with --state)")
 
 
 HF_WEIGHT_FILES = (
@@ -157,9 +164,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+    _refuse_state_file(path, metadata)
+    return tensors
 
 
 def _explain_torch_load_error(e: Exception) -> str:

@@ -91,6 +91,9 @@ def detect_version(shapes: Shapes) -> str:
     if not ("emb.weight" in names or any(n.startswith("blocks.") for n in names)):
         sample = ", ".join(sorted(names)[:4]) or "no tensors"
         raise CheckpointError(f"not an RWKV checkpoint: no emb.weight / blocks.N tensors (found {sample})")
+    if all(re.fullmatch(r"blocks\.\d+\.att\.time_state", n) for n in names):
+        raise CheckpointError("a state-tuned file (only blocks.N.att.time_state), not a model: "
+                              "use it with `rwkv chat --init-state`")
     pre = sorted(n for n in names if n in ("_strategy", "_version", "_rescale_layer"))
     if pre:
         raise UnsupportedModelError(

@@ -176,9 +176,9 @@ def out_of_memory_message(e: BaseException) -> str | None:
         r"CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED", text)
     if cuda_says or (torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)):
         return (f"out of GPU memory ({text[:160]}); free some GPU memory, use --device cpu, "
-                "or decode fewer sequences at once (--batch-size)")
+                "or decode fewer sequences at once")
     if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
         asked = re.search(r"tried to allocate (\d+) bytes", text)  # torch's CPU allocator says how much
         what = f"could not allocate {gib(int(asked[1]))} GiB" if asked else text[:160]
-        return f"out of memory ({what}); try --dtype bf16, a smaller --batch-size or a smaller model"
+        return f"out of memory ({what}); try --dtype bf16, fewer sequences at once or a smaller model"
     return None

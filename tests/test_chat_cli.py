@@ -140,6 +140,23 @@ def test_batch_prompts_from_a_state(model, tmp_path):
     assert refused.returncode == 2 and b"--batch runs many" in refused.stderr
 
 
+def test_scripted_chat_survives_bad_lines(model, tmp_path):
+    """Bad /set values, undecodable bytes and a failing autosave are each one error line, and
+    the chat goes on; a \"\"\" block that the input ends inside is still sent."""
+    script = (b"/set think maybe\n/set top_k x\n/set max_tokens -5\n/set ban_tokens 5\n/set temperature 0\n"
+              b"hi \xff\xfe there\n/show\n\"\"\"\nline one\nline two")
+    gone = tmp_path / "no-such-folder" / "chat.rwkvstate"
+    out = subprocess.run([sys.executable, "-m", "rwkv_cli", "chat", "-m", str(model), "-n", "3", "--state", str(gone)],
+                         input=script, capture_output=True, env=ENV, timeout=120)
+    err = out.stderr.decode()
+    assert out.returncode == 0 and "Traceback" not in err, err
+    for expected in ("think is one of on, off, default", "top_k takes an integer, not 'x'",
+                     "max_tokens must be >= -1", "unknown setting ban_tokens", "not valid UTF-8; not sent",
+                     "exchanges: 0", "autosave failed"):
+        assert expected in err
+    assert out.stdout.strip()  # the unterminated block got a reply
+
+
 pexpect = pytest.importorskip("pexpect")
 
 

@@ -162,6 +162,22 @@ def test_checkpoint_holding_something_else(tmp_path):
         load_checkpoint(path)
 
 
+def test_state_files_given_as_models_are_named(tmp_path):
+    """Our own state files and BlinkDL state-tuned files are not models; the error says which
+    file it is and where it goes, instead of a missing emb.weight."""
+    from rwkv_cli.statefile import save_state
+
+    model = load_model(write_checkpoint(tmp_path / "m.pth", random_state_dict("7", 2, 64, vocab_size=64)))
+    st = save_state(tmp_path / "s.rwkvstate", model.zero_state(), model, kind="chat")
+    for read in (load_checkpoint, read_safetensors_shapes):
+        with pytest.raises(CheckpointError, match=r"s.rwkvstate: an rwkv-cli state file, not a model .*--state"):
+            read(st)
+    tuned = tmp_path / "tuned.pth"
+    torch.save({f"blocks.{i}.att.time_state": torch.zeros(1, 64, 64) for i in range(2)}, tuned)
+    with pytest.raises(CheckpointError, match=r"tuned.pth: a state-tuned file .*--init-state"):
+        load_checkpoint(tuned)
+
+
 def test_cuda_without_gpu_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -94,6 +94,8 @@ def test_batch_jsonl_in_order_with_error_lines(model, tmp_path):
         (["generate", "-m", "{model}", "hi", "--device", "tpu"], b"", 2, b"'tpu' is not one of auto, cpu"),
         (["generate", "-m", "{model}", "hi", "--dtype", "fp64"], b"", 2, b"'fp64' is not one of auto, fp32"),
         (["generate", "-m", "{model}", "hi", "--device", "cuda:9"], b"", 1, b"error: --device cuda:9 was requested"),
+        (["generate", "-m", "{model}", "hi", "--frob"], b"", 2, b"error: No such option: --frob (see `"),
+        (["state", "save", "-m", "{model}", "-p", "x"], b"", 2, b"error: Missing option '--output'"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, stdin, code, message, model, tmp_path):
@@ -102,6 +104,8 @@ def test_bad_input_is_one_clear_line(args, stdin, code, message, model, tmp_path
     out = rwkv(*[a.format(model=model, bad=bad) for a in args], stdin=stdin)
     assert out.returncode == code, out.stderr
     assert message in out.stderr and b"Traceback" not in out.stderr
+    # one line, usage errors too (click's own handler prints Usage:, Try:, a blank line, Error:)
+    assert out.stderr.count(b"error:") == 1 and b"Usage:" not in out.stderr
 
 
 def test_ctrl_c_keeps_output_and_exits_130(model):

@@ -130,7 +130,7 @@ def test_out_of_memory_errors_become_one_line():
     except RuntimeError as e:
         cpu = memory.out_of_memory_message(e)
     assert cpu == ("out of memory (could not allocate 1048576.0 GiB); "
-                   "try --dtype bf16, a smaller --batch-size or a smaller model")
+                   "try --dtype bf16, fewer sequences at once or a smaller model")
     cuda_error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB\nmore")
     gpu = memory.out_of_memory_message(cuda_error)
     assert gpu.startswith("out of GPU memory (CUDA out of memory. Tried to allocate 20 GiB); ")

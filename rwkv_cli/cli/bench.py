@@ -18,9 +18,9 @@ import typer
 from . import app
 from .common import Device, Dtype, Model, Offline, Revision, err, load_model_for_cli
 
-Prompt = Annotated[list[int], typer.Option("--prompt", "-p", help="Prompt lengths to time (repeatable).", rich_help_panel="Bench")]
-Gen = Annotated[list[int], typer.Option("--gen", "-n", help="Generated tokens to time (repeatable).", rich_help_panel="Bench")]
-Batch = Annotated[list[int], typer.Option("--batch", "-b", help="Batch sizes (repeatable).", rich_help_panel="Bench")]
+Prompt = Annotated[list[int], typer.Option("--prompt", "-p", min=0, help="Prompt lengths to time (repeatable; 0: none).", rich_help_panel="Bench")]
+Gen = Annotated[list[int], typer.Option("--gen", "-n", min=0, help="Generated tokens to time (repeatable; 0: none).", rich_help_panel="Bench")]
+Batch = Annotated[list[int], typer.Option("--batch", "-b", min=1, help="Batch sizes (repeatable).", rich_help_panel="Bench")]
 Reps = Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Runs per test.", rich_help_panel="Bench")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per test instead of a table.")]
 

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import RWKVError
 from . import app
 from . import common as c
 
@@ -129,6 +130,19 @@ def _beside(path: Path, tag: str) -> Path:
         n += 1
 
 
+# What /set changes in the sampling parameters, and how its value is read.
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "presence_penalty": float,
+            "frequency_penalty": float, "penalty_decay": float, "seed": int}
+THINK_VALUES = {"on": True, "off": False, "default": None}
+
+
+def _parse_number(key: str, value: str, kind: type):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{key} takes {'an integer' if kind is int else 'a number'}, not {value!r}") from None
+
+
 class ChatUI:
     """The read-eval-print loop: input, slash commands, streaming replies, autosave."""
 
@@ -170,7 +184,12 @@ class ChatUI:
             return line
         lines = []
         while True:
-            line = self._read_line(continuation=True)
+            try:
+                line = self._read_line(continuation=True)
+            except EOFError:  # input ended inside the block (a script without the closing """): send it
+                if not lines:
+                    raise
+                return "\n".join(lines)
             if line.strip() == '"""':
                 return "\n".join(lines)
             lines.append(line)
@@ -188,6 +207,11 @@ class ChatUI:
             except EOFError:
                 break
             if not text.strip():
+                continue
+            try:
+                c.utf8_argument(text, "that line")
+            except RWKVError as e:  # undecodable bytes on a pipe reach Python as lone surrogates
+                c.err(f"error: {e}; not sent")
                 continue
             if text.lstrip().startswith("/"):
                 if self.command(text.strip()) == "exit":
@@ -230,8 +254,6 @@ class ChatUI:
 
     # -- commands -------------------------------------------------------------------------------
     def command(self, line: str) -> str | None:
-        from ..errors import RWKVError
-
         name, _, arg = line.partition(" ")
         arg = arg.strip()
         handler = COMMANDS.get(name)
@@ -280,12 +302,19 @@ class ChatUI:
         if not key or not value:
             raise ValueError("usage: /set KEY VALUE")
         if key == "max_tokens":
-            self.s.max_tokens = int(value)
+            n = _parse_number(key, value, int)
+            if n < -1:
+                raise ValueError("max_tokens must be >= -1 (-1: until a stop)")
+            self.s.max_tokens = n
         elif key == "think":
-            self.s.think = {"on": True, "off": False, "default": None}[value]
+            if value not in THINK_VALUES:
+                raise ValueError(f"think is one of {', '.join(THINK_VALUES)}")
+            self.s.think = THINK_VALUES[value]
+        elif key in SETTABLE:
+            parsed = None if key == "seed" and value == "none" else _parse_number(key, value, SETTABLE[key])
+            self.s.params = self.s.params.with_overrides(**{key: parsed})
         else:
-            kind = {"top_k": int, "seed": int}.get(key, float)
-            self.s.params = self.s.params.with_overrides(**{key: kind(value)})
+            raise ValueError(f"unknown setting {key} (one of max_tokens, think, {', '.join(SETTABLE)})")
         c.err(f"({key} = {value})")
 
     def cmd_show(self, arg):
@@ -307,7 +336,14 @@ class ChatUI:
             print(f"{key:>16}: {value}", file=sys.stderr)
 
     def cmd_save(self, arg):
-        path = Path(arg).expanduser() if arg else (self.state_file or app_dir() / "sessions" / time.strftime("chat-%Y%m%d-%H%M%S.rwkvstate"))
+        path = Path(arg).expanduser() if arg else self.state_file
+        if path is None:  # our own folder, made on first use (an explicit path's folder must exist)
+            sessions = app_dir() / "sessions"
+            try:
+                sessions.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RWKVError(f"cannot make {sessions} ({e.strerror or e}); give /save a path") from None
+            path = sessions / time.strftime("chat-%Y%m%d-%H%M%S.rwkvstate")
         self.save(path)
         c.err(f"(saved to {path})")
 
@@ -330,8 +366,14 @@ class ChatUI:
         save_state(path, state, self.s.model, logits=self.s.logits, created=self.created, **self.s.metadata())
 
     def autosave(self) -> None:
-        if self.state_file is not None:
+        """Save to --state after every turn. A failure (a full disk, a folder gone) is said and the
+        chat goes on: the conversation is still in memory, and /save PATH can put it elsewhere."""
+        if self.state_file is None:
+            return
+        try:
             self.save(self.state_file)
+        except RWKVError as e:
+            c.err(f"error: autosave failed: {e}; /save PATH saves elsewhere")
 
     def restore(self, saved) -> None:
         self.created = saved.meta.get("created")

@@ -39,7 +39,7 @@ Dtype = Annotated[str, typer.Option(
          "bf16 on a CPU: half the memory, faster with AVX512-BF16, not bit-exact).",
     callback=_dtype_choice, rich_help_panel="Model")]
 
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (-1: until a stop).", rich_help_panel="Sampling")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=-1, help="Tokens to generate (-1: until a stop).", rich_help_panel="Sampling")]
 Temperature = Annotated[float | None, typer.Option("--temperature", "--temp", help="0 = greedy.", rich_help_panel="Sampling")]
 TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus cut-off (applied before temperature).", rich_help_panel="Sampling")]
 TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0: off).", rich_help_panel="Sampling")]
@@ -108,6 +108,18 @@ def _model_of_state(path) -> tuple[str, str]:
     identity = read_meta(path)["model"]
     source = str(identity.get("source") or "an unnamed model")
     return str(identity.get("spec") or source), source
+
+
+def utf8_argument(text: str | None, what: str) -> str | None:
+    """A command-line argument as text, or a one-line error: bytes that are not UTF-8 reach
+    Python's argv as lone surrogates, which no tokenizer can encode."""
+    from ..errors import RWKVError
+
+    try:
+        text is None or text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RWKVError(f"{what} is not valid UTF-8") from None
+    return text
 
 
 def read_stdin_text() -> str | None:

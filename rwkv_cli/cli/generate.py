@@ -21,7 +21,7 @@ def generate(
     prompt: Annotated[str | None, typer.Argument(help="The prompt ('-' or none: read stdin). With piped stdin, this text goes first, as an instruction.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.", rich_help_panel="Input")] = None,
     batch: Annotated[Path | None, typer.Option("--batch", help="JSONL file, one {\"prompt\": ...} per line; writes one JSON line per input, in order.", rich_help_panel="Input")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences decoded together with --batch (0: 8 on CPU, 64 on GPU).", rich_help_panel="Input")] = 0,
+    batch_size: Annotated[int, typer.Option(min=0, help="Sequences decoded together with --batch (0: 8 on CPU, 64 on GPU).", rich_help_panel="Input")] = 0,
     state: Annotated[Path | None, typer.Option("--state", help="Start from this state file (rwkv state save / chat --state); the prompt may then be empty. With --batch, every prompt starts from it. Without -m, the model it was saved with is loaded.", rich_help_panel="Input")] = None,
     save_state: Annotated[Path | None, typer.Option("--save-state", help="Save the state after generating (to continue later).", rich_help_panel="Output")] = None,
     model: c.Model = None,
@@ -125,8 +125,13 @@ def _prompt_text(prompt: str | None, file: Path | None, allow_empty: bool = Fals
         prompt = None
     parts = []
     if prompt:
-        parts.append(prompt)
-    if file is not None:
+        parts.append(c.utf8_argument(prompt, "the prompt argument"))
+    if file is not None and str(file) == "-":  # as `rwkv state save -f -`
+        if stdin is None:
+            raise typer.BadParameter("--file - reads stdin, but stdin is a terminal")
+        parts.append(stdin)
+        stdin = None
+    elif file is not None:
         try:
             parts.append(file.read_bytes().decode("utf-8"))
         except OSError as e:
@@ -170,6 +175,8 @@ def _parse_batch_line(line: str, tok, params, max_tokens: int, stop: tuple):
         raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
     overrides = {k: item[k] for k in BATCH_FIELDS if k in item and k not in ("max_tokens", "stop")}
     if "ban_tokens" in overrides:
+        if not isinstance(overrides["ban_tokens"], list):
+            raise ValueError("ban_tokens must be a list of token ids")
         overrides["ban_tokens"] = tuple(overrides["ban_tokens"])
     try:
         line_params = params.with_overrides(**overrides)
@@ -177,10 +184,12 @@ def _parse_batch_line(line: str, tok, params, max_tokens: int, stop: tuple):
         raise ValueError(str(e)) from None
     n = item.get("max_tokens", max_tokens)
     stops = item.get("stop", stop)
-    stops = (stops,) if isinstance(stops, str) else tuple(stops)
-    if not isinstance(n, int):
-        raise ValueError("max_tokens must be an integer")
-    return item.get("id"), BatchRequest(tok.encode(prompt), line_params, n, stops)
+    stops = (stops,) if isinstance(stops, str) else stops
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) and x for x in stops):
+        raise ValueError("stop must be a string or a list of non-empty strings")
+    if not isinstance(n, int) or isinstance(n, bool) or n < -1:
+        raise ValueError("max_tokens must be an integer >= -1 (-1: until a stop)")
+    return item.get("id"), BatchRequest(tok.encode(prompt), line_params, n, tuple(stops))
 
 
 def _run_batch(net, tok, lines: list[str], params, max_tokens: int, stop: tuple, batch_size: int, stop_at_eos: bool,
