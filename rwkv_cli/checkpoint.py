@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,7 +144,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if fmt == "safetensors":
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "pth-zip")
+        with warnings.catch_warnings():  # its notes on pickle protocols would precede our one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "pth-zip")
     except Exception as e:  # torch raises several types; turn each into one clear line
         raise CheckpointError(f"{path}: {_explain_torch_load_error(e)}") from None
     if isinstance(obj, dict) and set(obj) <= {"state_dict", "model", "module"} and len(obj) == 1:

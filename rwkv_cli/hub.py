@@ -524,6 +524,8 @@ def find_cached(
 ) -> list[CachedFile]:
     """The cached files a spec names, for `rwkv rm`: `owner/repo` means every file of the repo;
     a file, glob or alias means every cached revision of every matching file (not only the newest)."""
+    if not spec.strip():
+        raise ModelNotFoundError("no model named: give owner/repo[:FILE] or an alias")
     if Path(spec).expanduser().exists():
         raise ModelNotFoundError(
             f"{spec} is a local path; `rwkv rm` deletes only models in the Hugging Face cache "

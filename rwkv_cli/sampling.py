@@ -10,10 +10,15 @@ own seeded RNG). Temperature 0 is greedy. After each draw every count decays by
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+
+from .errors import RWKVError
 
 # PIPELINE_ARGS defaults of BlinkDL's `rwkv` package: for raw completion.
 GENERATE_DEFAULTS = dict(temperature=1.0, top_p=0.85, top_k=0, presence_penalty=0.2, frequency_penalty=0.2)
@@ -25,6 +30,17 @@ CHAT_DEFAULTS = {
 
 
 CANDIDATES = (256, 4096)  # partial sorts tried before a full sort of the vocabulary
+
+
+class SamplingError(RWKVError, ValueError):
+    """A sampling parameter that is unusable. A ValueError, which the commands turn into a usage
+    error; where none does, an RWKVError still reaches the user as one line."""
+
+
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "penalty_decay")
+# Parameters live in float32 on the device, where presence + count * frequency and 1/T must stay
+# finite: beyond this, no value changes the result anyway (logits are far smaller).
+_MAX_MAGNITUDE = 1e30
 
 
 @dataclass(frozen=True)
@@ -40,8 +56,37 @@ class SamplingParams:
     ban_tokens: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
+        # Values also come from JSONL lines, /set and state files, not only from typed flags.
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise SamplingError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise SamplingError(f"{name} must be a finite number, got {value}")
+            if type(value) not in (int, float):  # e.g. numpy scalars: plain floats for torch.tensor
+                object.__setattr__(self, name, float(value))
+        for name, what in (("top_k", "an integer"), ("seed", "an integer or None")):
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            if not _is_int(value):
+                raise SamplingError(f"{name} must be {what}, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers too: random.Random takes only int
+        bans = self.ban_tokens
+        if isinstance(bans, (str, bytes, bytearray)) or not isinstance(bans, Iterable):
+            raise SamplingError(f"ban_tokens must be a list of token ids, got {bans!r}")
+        bans = tuple(bans)
+        for t in bans:
+            if not _is_int(t):
+                raise SamplingError(f"ban_tokens must hold integer token ids, got {t!r}")
+            if t < 0:
+                raise SamplingError(f"ban_tokens must hold token ids >= 0, got {t}")
+        object.__setattr__(self, "ban_tokens", tuple(map(int, bans)))
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
+            (self.temperature <= _MAX_MAGNITUDE, "temperature must be at most 1e30"),
+            (abs(self.presence_penalty) <= _MAX_MAGNITUDE, "presence_penalty must lie in [-1e30, 1e30]"),
+            (abs(self.frequency_penalty) <= _MAX_MAGNITUDE, "frequency_penalty must lie in [-1e30, 1e30]"),
             (0 <= self.top_p <= 1, "top_p must lie in [0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 <= self.min_p <= 1, "min_p must lie in [0, 1]"),
@@ -49,15 +94,25 @@ class SamplingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SamplingError(message)
 
     def with_overrides(self, **overrides) -> SamplingParams:
         """A copy with the given (non-None) fields replaced; unknown names raise ValueError."""
         names = {f.name for f in fields(self)}
         unknown = set(overrides) - names
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+            raise SamplingError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise SamplingError if a banned id is not a token of a `vocab_size` vocabulary."""
+        if self.ban_tokens and max(self.ban_tokens) >= vocab_size:
+            bad = next(t for t in self.ban_tokens if t >= vocab_size)
+            raise SamplingError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def uncounted_tokens(tokenizer) -> tuple[int, ...]:
@@ -114,20 +169,24 @@ class Sampler:
     def __init__(self, params: list[SamplingParams], vocab_size: int, device="cpu", uncounted: tuple[int, ...] = ()):
         self.params = list(params)
         self.vocab_size = vocab_size
+        for p in self.params:
+            p.check_vocab(vocab_size)
         self.weight = torch.ones(vocab_size, device=device)  # how much one occurrence counts
         self.weight[[t for t in uncounted if 0 <= t < vocab_size]] = 0.0
         B = len(self.params)
         col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(p, name) for p in self.params], dtype=dtype, device=device
         ).view(B, 1)
-        self.top_p, self.top_k, self.min_p = col("top_p"), col("top_k", torch.long), col("min_p")
+        self.top_p, self.min_p = col("top_p"), col("min_p")
+        # k >= V keeps every token, as k = 0 does; a larger k would not fit in an int64
+        self.top_k = torch.tensor([min(p.top_k, vocab_size) for p in self.params], dtype=torch.long,
+                                  device=device).view(B, 1)
         self.presence, self.frequency, self.decay = col("presence_penalty"), col("frequency_penalty"), col("penalty_decay")
         self.counts = torch.zeros(B, vocab_size, device=device)
         self.seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
         self.ban = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
         for b, p in enumerate(self.params):
-            ids = [t for t in p.ban_tokens if 0 <= t < vocab_size]
-            self.ban[b, ids] = True
+            self.ban[b, list(p.ban_tokens)] = True
         # temperatures as exponents 1/T (greedy rows: 0); draws come from one host RNG per
         # sequence (its seed), so a step's draws for every row reach the device in one copy
         self.inv_temp = torch.tensor([1.0 / p.temperature if p.temperature else 0.0 for p in self.params],
@@ -228,6 +287,9 @@ class Sampler:
         cum = w.cumsum(-1)
         at = torch.searchsorted(cum, u.view(-1, 1) * cum[:, -1:], right=True)
         at = torch.minimum(at, (w > 0).sum(-1, keepdim=True) - 1)  # u * total rounded up to total
+        # every weight underflowed (a tiny T: p^(1/T) is 0 in float32): the most likely token, as
+        # kernels/sampling.cu takes it
+        at = at.clamp(min=0)
         return top_i.gather(-1, at).view(-1)
 
     def sample_checked(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

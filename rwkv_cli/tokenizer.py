@@ -140,22 +140,27 @@ class WorldTokenizer:
         return tuple(out)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of the ids; an id outside [0, vocab_size) raises TokenizerError (the padding
+        ids 65530-65535 that a model can emit decode to nothing)."""
         ids = ids if isinstance(ids, list) else list(ids)
         try:
             if not ids or min(ids) >= 0:  # a negative index would silently wrap around
                 return b"".join(map(self._table.__getitem__, ids))
-        except IndexError:
+        except IndexError:  # an id past the table, or too large for an index
             pass
-        return b"".join(map(self.token_bytes, ids))
+        n = len(self._table)
+        raise _outside(next(i for i in ids if not 0 <= i < n), n)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of one id; ids outside the vocabulary decode to nothing."""
+        """The bytes of one id; ids outside the vocabulary decode to nothing (the streaming path:
+        ids come from the sampler, so checking them there would only cost time)."""
         i = operator.index(token_id)
         return self._table[i] if 0 <= i < len(self._table) else b""
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; invalid UTF-8 becomes U+FFFD per bad sequence (the reference returns
-        a single U+FFFD for the whole text instead)."""
+        a single U+FFFD for the whole text instead). Ids outside the vocabulary raise
+        TokenizerError."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def detokenizer(self) -> ByteDetokenizer:
@@ -231,14 +236,29 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids. Special tokens are spelled out ("<|endoftext|>"), as `encode` reads
-        them from text, so every string round-trips; unknown ids (padding rows) give nothing."""
+        them from text, so every string round-trips; unknown ids (padding rows) give nothing,
+        negative ids and ids beyond 32 bits raise TokenizerError."""
         ids = list(map(operator.index, ids))
         if ids and min(ids) < 0:
-            raise TokenizerError(f"token ids cannot be negative (got {min(ids)})")
-        return self._tok.decode(ids, skip_special_tokens=False)
+            raise _outside(min(ids), self.vocab_size)
+        try:
+            return self._tok.decode(ids, skip_special_tokens=False)
+        except OverflowError:  # the Rust side takes u32 ids
+            raise _outside(max(ids), self.vocab_size) from None
 
     def detokenizer(self) -> WindowDetokenizer:
         return WindowDetokenizer(self.decode)
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int) -> None:
+    """Raise TokenizerError naming the first id outside [0, vocab_size): for ids a user gives."""
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise _outside(bad, vocab_size)
+
+
+def _outside(token_id: int, vocab_size: int) -> TokenizerError:
+    return TokenizerError(f"token id {operator.index(token_id)} is outside the vocabulary [0, {vocab_size})")
 
 
 # --------------------------------------------------------------------------------- Streaming

@@ -141,20 +141,61 @@ def test_batch_prompts_from_a_state(model, tmp_path):
 
 
 def test_scripted_chat_survives_bad_lines(model, tmp_path):
-    """Bad /set values, undecodable bytes and a failing autosave are each one error line, and
-    the chat goes on; a \"\"\" block that the input ends inside is still sent."""
+    """Bad /set values and undecodable bytes are each one error line, and the chat goes on; a
+    \"\"\" block that the input ends inside is still sent. A --state in a folder that does not
+    exist is refused before the model loads."""
     script = (b"/set think maybe\n/set top_k x\n/set max_tokens -5\n/set ban_tokens 5\n/set temperature 0\n"
               b"hi \xff\xfe there\n/show\n\"\"\"\nline one\nline two")
-    gone = tmp_path / "no-such-folder" / "chat.rwkvstate"
-    out = subprocess.run([sys.executable, "-m", "rwkv_cli", "chat", "-m", str(model), "-n", "3", "--state", str(gone)],
+    out = subprocess.run([sys.executable, "-m", "rwkv_cli", "chat", "-m", str(model), "-n", "3"],
                          input=script, capture_output=True, env=ENV, timeout=120)
     err = out.stderr.decode()
     assert out.returncode == 0 and "Traceback" not in err, err
     for expected in ("think is one of on, off, default", "top_k takes an integer, not 'x'",
                      "max_tokens must be >= -1", "unknown setting ban_tokens", "not valid UTF-8; not sent",
-                     "exchanges: 0", "autosave failed"):
+                     "exchanges: 0"):
         assert expected in err
     assert out.stdout.strip()  # the unterminated block got a reply
+    gone = rwkv("chat", "-m", model, "--state", tmp_path / "no-such-folder" / "c.rwkvstate", stdin="hi\n")
+    assert gone.returncode == 1 and b"does not exist" in gone.stderr and b"loaded" not in gone.stderr
+
+
+def test_a_failed_autosave_keeps_the_chat_going(model, tmp_path, monkeypatch, capsys):
+    """A save that fails after a turn (a full disk, a folder removed meanwhile) is one error line;
+    the conversation stays in memory for /save PATH."""
+    from rwkv_cli.cli.chat import ChatUI
+    from rwkv_cli.errors import RWKVError
+    from rwkv_cli.sampling import SamplingParams
+    from rwkv_cli.session import ChatSession
+    from rwkv_cli.tokenizer import load_tokenizer
+
+    session = ChatSession(load_model(model), load_tokenizer("world"), SamplingParams(temperature=0), max_tokens=2)
+    ui = ChatUI(session, tmp_path / "c.rwkvstate", quiet=True, history=False)
+
+    def disk_full(path):
+        raise RWKVError(f"{path}: cannot save the state (No space left on device)")
+
+    monkeypatch.setattr(ui, "save", disk_full)
+    ui.stream(session.send("hi"))
+    assert "error: autosave failed" in capsys.readouterr().err and len(session.exchanges) == 1
+
+
+def test_generate_save_state_adds_to_what_it_started_from(model, tmp_path):
+    """`generate --state F --save-state F` extends F (text, token count, creation time kept); a
+    chat state or any file that is not a state is refused before anything is generated."""
+    doc = tmp_path / "doc.rwkvstate"
+    assert rwkv("state", "save", "-m", model, "-p", "Doc start.", "-o", doc, "-q").returncode == 0
+    first = read_meta(doc)
+    out = rwkv("generate", "--state", doc, " more", "-n", "3", *GREEDY, "-q", "--save-state", doc)
+    assert out.returncode == 0, out.stderr
+    meta = read_meta(doc)
+    assert meta["kind"] == "generate" and meta["text"] == "Doc start. more" + out.stdout.decode()
+    assert meta["tokens"] - first["tokens"] - 3 >= 1 and meta["created"] == first["created"]  # + prompt + 3
+    chat = tmp_path / "chat.rwkvstate"
+    assert rwkv("chat", "-m", model, *GREEDY, "-n", "2", "--state", chat, stdin="hi\n").returncode == 0
+    for target in (chat, Path(model)):
+        before = target.read_bytes()
+        refused = rwkv("generate", "-m", model, "x", "-n", "2", "--save-state", target)
+        assert refused.returncode == 1 and refused.stdout == b"" and target.read_bytes() == before
 
 
 pexpect = pytest.importorskip("pexpect")

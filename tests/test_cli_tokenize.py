@@ -122,3 +122,27 @@ def test_tokenize_does_not_import_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "ids, bad",
+    [("[-1]", -1), ("[99999999]", 99999999), ("65536", 65536), ("99999999999999999999999999", 10**26 - 1),
+     ("[33155,-1,99999999,33]", -1)],
+)
+def test_decode_rejects_ids_outside_the_vocabulary(ids, bad, tmp_path):
+    r = rwkv("tokenize", "-m", "world", "--decode", ids)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert str(r.exception) == f"token id {bad} is outside the vocabulary [0, 65536)"
+    hf = train_tokenizer_json(tmp_path / "tokenizer.json")  # ids past its vocabulary: refused alike
+    r = rwkv("tokenize", "-m", str(hf), "--decode", ids.replace("33155", "3"))
+    assert r.exit_code == 1 and r.stdout == ""
+    assert f"token id {bad} is outside the vocabulary [0, " in str(r.exception)
+    assert rwkv("tokenize", "-m", "world", "--decode", "[24281, 65535]").stdout == "User"  # padding: nothing
+
+
+def test_text_argument_that_is_not_utf8_is_one_line():
+    r = _run(["tokenize", "-m", "world", b"ok\xff"])  # argv bytes, as the shell passes $'ok\xff'
+    assert r.returncode == 1
+    assert r.stderr.decode() == "error: the text argument is not valid UTF-8 (byte 0xff at offset 2)\n"
+    r = rwkv("tokenize", "-m", "world", "\ud800")  # a lone surrogate that stands for no byte
+    assert r.exit_code == 1 and str(r.exception) == "the text argument is not valid UTF-8"

@@ -151,12 +151,19 @@ def test_random_token_soup(world, ref, ids):
     assert world.encode_bytes(data) == ref.encodeBytes(data)
 
 
-def test_decode_ignores_ids_outside_the_vocabulary(world):
+def test_decode_rejects_ids_outside_the_vocabulary(world):
     import numpy as np
     import torch
 
-    assert world.decode([0, 65530, 65535, 70000, -1]) == ""
+    assert world.decode([0, 65530, 65535]) == ""  # end of text and padding: ids a model can emit
     assert world.decode([0, 24281, 65535]) == "User"
+    for bad, ids in [(-1, [24281, -1]), (65536, [65536]), (99999999, [24281, 59, 99999999, 33]),
+                     (10**26, [10**26]), (70000, torch.tensor([24281, 70000]))]:
+        with pytest.raises(TokenizerError, match=rf"^token id {bad} is outside the vocabulary \[0, 65536\)$"):
+            world.decode(ids)
+        with pytest.raises(TokenizerError):
+            world.decode_bytes(ids)
+    assert world.detokenizer().push(70000) == ""  # streaming (sampled ids) is not checked
     assert world.decode(np.array([24281, 59])) == "User:"
     assert world.decode(torch.tensor([24281, 59])) == "User:"
     assert world.decode([230]) == "\ufffd"  # a lone lead byte is invalid UTF-8
@@ -235,8 +242,10 @@ def test_hf_interface(hf):
     assert hf.eos_id == 0 and 256 < hf.vocab_size <= 320
     assert hf.decode([0, 1, 10_000, 50303]) == "<|endoftext|><|padding|>"  # unknown ids: nothing
     assert hf.encode("a<|endoftext|>") == hf.encode("a") + [0]  # as the reference pipeline does
-    with pytest.raises(TokenizerError):
+    with pytest.raises(TokenizerError, match=r"token id -1 is outside the vocabulary \[0, "):
         hf.decode([-1])
+    with pytest.raises(TokenizerError, match=rf"token id {10**20} is outside the vocabulary"):
+        hf.decode([5, 10**20])  # past the u32 ids of the Rust side
 
 
 def test_hf_stream_holds_back_split_characters(hf):

@@ -78,6 +78,10 @@ def chat(
     from ..session import ChatSession
     from ..statefile import load_state, load_tuned_state
 
+    if state_file is not None and not state_file.exists():  # a new file: can it be written? (before the load)
+        from ..statefile import check_save_target
+
+        check_save_target(state_file, "chat")
     net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet, state_file=state_file)
     family = "world" if getattr(tok, "name", "") == "world" or net.cfg.version == "7" else "pile"
     defaults = dict(CHAT_DEFAULTS[family])

@@ -74,10 +74,20 @@ def generate(
         _run_batch(net, tok, lines, params, max_tokens, tuple(stop or ()), size, not ignore_eos, initial)
         return
     text = _prompt_text(prompt, file, allow_empty=state is not None)
+    if save_state is not None:  # before the work, not after it
+        from ..statefile import check_save_target
+
+        check_save_target(save_state, "generate")
     net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet, state_file=state)
+    try:
+        params.check_vocab(net.cfg.vocab_size)  # --ban-token ids, now that the vocabulary is known
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     from ..generate import Generation
 
     start_state = start_logits = None
+    read_before, tokens_before = "", 0  # what the starting state had read: a saved state adds to it
+    created = None  # kept when the state is saved back over the file it started from
     if state is not None:
         from ..statefile import load_state
 
@@ -85,6 +95,11 @@ def generate(
         start_state, start_logits = saved.state, saved.logits
         if not text and start_logits is None:
             raise typer.BadParameter(f"{state} holds no logits to continue from; give a prompt")
+        tokens_before = int(saved.meta.get("tokens") or 0)
+        if saved.meta.get("kind") in ("prompt", "generate"):  # a chat's text is its transcript instead
+            read_before = str(saved.meta.get("text") or "")
+        if save_state is not None and save_state.resolve() == state.resolve():
+            created = saved.meta.get("created")
     gen = Generation(net, tok, tok.encode(text) if text else [], params, max_tokens, tuple(stop or ()),
                      stop_at_eos=not ignore_eos, state=start_state, logits=start_logits)
     out = sys.stdout
@@ -108,7 +123,8 @@ def generate(
         from ..statefile import save_state as write_state
 
         write_state(save_state, gen.state, net, logits=gen.logits, kind="generate", tokenizer=getattr(tok, "name", "unknown"),
-                    tokens=len(gen.prompt_ids) + len(gen.tokens), text=text + gen.text, transcript=[])
+                    tokens=tokens_before + len(gen.prompt_ids) + len(gen.tokens), text=read_before + text + gen.text,
+                    transcript=[], created=created)
         if not quiet:
             c.err(f"state saved to {save_state}")
     if not quiet:
@@ -157,7 +173,7 @@ def _read_batch_file(path: Path) -> list[str]:
         raise RWKVError(f"{path}: not valid UTF-8 (at byte {e.start})") from None
 
 
-def _parse_batch_line(line: str, tok, params, max_tokens: int, stop: tuple):
+def _parse_batch_line(line: str, tok, params, max_tokens: int, stop: tuple, vocab_size: int):
     """One JSONL line -> (id, BatchRequest); raises ValueError with a message for the error line."""
     from ..generate import BatchRequest
 
@@ -174,12 +190,9 @@ def _parse_batch_line(line: str, tok, params, max_tokens: int, stop: tuple):
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
     overrides = {k: item[k] for k in BATCH_FIELDS if k in item and k not in ("max_tokens", "stop")}
-    if "ban_tokens" in overrides:
-        if not isinstance(overrides["ban_tokens"], list):
-            raise ValueError("ban_tokens must be a list of token ids")
-        overrides["ban_tokens"] = tuple(overrides["ban_tokens"])
     try:
         line_params = params.with_overrides(**overrides)
+        line_params.check_vocab(vocab_size)
     except (TypeError, ValueError) as e:
         raise ValueError(str(e)) from None
     n = item.get("max_tokens", max_tokens)
@@ -205,7 +218,7 @@ def _run_batch(net, tok, lines: list[str], params, max_tokens: int, stop: tuple,
             outputs[n] = {"error": "empty line"}
             continue
         try:
-            ident, req = _parse_batch_line(line, tok, params, max_tokens, stop)
+            ident, req = _parse_batch_line(line, tok, params, max_tokens, stop, net.cfg.vocab_size)
         except ValueError as e:
             outputs[n] = {"error": str(e)}
             continue

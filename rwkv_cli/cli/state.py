@@ -38,10 +38,11 @@ def save(
     import time
 
     from ..errors import RWKVError
-    from ..statefile import save_state
+    from ..statefile import check_save_target, save_state
 
     if (prompt is None) == (file is None):
         raise typer.BadParameter("give exactly one of --prompt or --file")
+    check_save_target(output, "prompt")  # before the model is loaded and the text read, not after
     if file is not None:
         text = c.read_stdin_text() if str(file) == "-" else _read_text(file)
         if text is None:

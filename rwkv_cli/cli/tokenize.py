@@ -45,7 +45,13 @@ def tokenize(
     tok = _tokenizer_for(model)
     source = _read_input(text)
     if decode:
-        out = tok.decode(_parse_ids(source))
+        from ..tokenizer import check_token_ids
+
+        ids = _parse_ids(source)
+        # every tokenizer alike: World's decode would refuse these too, a tokenizer.json's gives
+        # nothing for ids past its vocabulary (a model's padding rows)
+        check_token_ids(ids, tok.vocab_size)
+        out = tok.decode(ids)
         sys.stdout.write(out + ("\n" if sys.stdout.isatty() else ""))
         return
     ids = tok.encode(source)
@@ -56,6 +62,10 @@ def _read_input(text: str | None) -> str:
     from ..errors import TokenizerError
 
     if text is not None and text != "-":
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach argv as lone surrogates
+            raise TokenizerError(f"the text argument is not valid UTF-8{_where(text, e.start)}") from None
         return text
     if sys.stdin.isatty():
         raise typer.BadParameter("give TEXT, or pipe it on stdin")
@@ -66,6 +76,15 @@ def _read_input(text: str | None) -> str:
         raise TokenizerError(
             f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
         ) from None
+
+
+def _where(text: str, start: int) -> str:
+    """' (byte 0xNN at offset K)' for the bad character at `start`, as stdin's error says it, when
+    the character stands for an argv byte (Python's surrogateescape); else ''."""
+    code = ord(text[start])
+    if not 0xDC80 <= code <= 0xDCFF:
+        return ""
+    return f" (byte 0x{code - 0xDC00:02x} at offset {len(text[:start].encode('utf-8'))})"
 
 
 def _parse_ids(source: str) -> list[int]:
