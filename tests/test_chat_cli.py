@@ -15,7 +15,7 @@ import pytest
 from rwkv_cli import load_model
 from rwkv_cli.statefile import load_state, read_meta
 
-from .conftest import default_sigint
+from .conftest import default_sigint, run_cli
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", RWKV_NOHISTORY="1", PROMPT_TOOLKIT_NO_CPR="1")
 GREEDY = ["--temp", "0"]
@@ -56,9 +56,9 @@ def test_resume_in_a_new_process_continues_exactly(model, tmp_path):
 
 def test_mismatched_state_file_is_refused(model, make_ckpt, tmp_path):
     state = tmp_path / "chat.rwkvstate"
-    rwkv("chat", "-m", model, *GREEDY, "-n", "4", "--state", state, stdin="hi\n")
+    run_cli("chat", "-m", model, *GREEDY, "-n", "4", "--state", state, stdin=b"hi\n")
     other = make_ckpt("7", 2, 64, 65536, seed=11)
-    out = rwkv("chat", "-m", other, "--state", state, stdin="hi\n")
+    out = run_cli("chat", "-m", other, "--state", state, stdin=b"hi\n")
     err = out.stderr.decode()
     assert out.returncode == 1 and "Traceback" not in err
     assert str(model) in err and str(other) in err and err.count("error:") == 1
@@ -90,11 +90,10 @@ def test_a_state_names_its_model_and_given_settings_win(model, tmp_path):
     """Resuming without -m loads the model the state was saved with (from another folder too);
     sampling flags and --think given now apply, a new --system is refused with a notice."""
     state = tmp_path / "chat.rwkvstate"
-    assert rwkv("chat", "-m", model, *GREEDY, "-n", "4", "--state", state, stdin="hi\n").returncode == 0
+    assert run_cli("chat", "-m", model, *GREEDY, "-n", "4", "--state", state, stdin=b"hi\n").returncode == 0
     env = {k: v for k, v in ENV.items() if k != "RWKV_MODEL"}
-    out = subprocess.run([sys.executable, "-m", "rwkv_cli", "chat", "--state", str(state), "--temp", "0.7",
-                          "--think", "--system", "new"], input=b"/show\n", capture_output=True, env=env,
-                         cwd="/", timeout=120)
+    out = run_cli("chat", "--state", state, "--temp", "0.7", "--think", "--system", "new", stdin=b"/show\n",
+                  cwd="/", env=env)
     err = out.stderr.decode()
     assert out.returncode == 0, err
     assert f"loaded {model} (the model of {state})" in err
@@ -102,7 +101,7 @@ def test_a_state_names_its_model_and_given_settings_win(model, tmp_path):
     moved = tmp_path / "elsewhere.pth"
     Path(model).rename(moved)
     try:
-        gone = rwkv("generate", "--state", state, "x", "-n", "2")
+        gone = run_cli("generate", "--state", state, "x", "-n", "2")
     finally:
         moved.rename(model)
     assert gone.returncode == 1 and gone.stderr.decode().count("\n") == 1
@@ -113,10 +112,10 @@ def test_chat_from_a_read_document_keeps_the_document(model, tmp_path):
     """A state from `rwkv state save` is a starting point: chatting from it saves the chat next to
     it and leaves the document's state as it was."""
     doc = tmp_path / "doc.rwkvstate"
-    assert rwkv("state", "save", "-m", model, "-p", "A manual.", "-o", doc, "-q").returncode == 0
+    assert run_cli("state", "save", "-m", model, "-p", "A manual.", "-o", doc, "-q").returncode == 0
     before = doc.read_bytes()
     for n in (1, 2):
-        out = rwkv("chat", "--state", doc, *GREEDY, "-n", "3", stdin="hi\n")
+        out = run_cli("chat", "--state", doc, *GREEDY, "-n", "3", stdin=b"hi\n")
         assert out.returncode == 0 and "holds a read prompt (not a chat)" in out.stderr.decode()
     assert doc.read_bytes() == before
     chats = [tmp_path / "doc-chat.rwkvstate", tmp_path / "doc-chat-2.rwkvstate"]
@@ -127,16 +126,16 @@ def test_batch_prompts_from_a_state(model, tmp_path):
     """`generate --batch --state`: every prompt starts from the state, as `generate --state` does
     for one; --save-state has no single sequence to save there."""
     st = tmp_path / "doc.rwkvstate"
-    assert rwkv("state", "save", "-m", model, "-p", "The secret word is apricot.", "-o", st, "-q").returncode == 0
+    assert run_cli("state", "save", "-m", model, "-p", "The secret word is apricot.", "-o", st, "-q").returncode == 0
     jobs = tmp_path / "q.jsonl"
     jobs.write_text('{"prompt": " Q: the word?"}\n{"prompt": " Q: again?"}\n')
-    out = rwkv("generate", "--batch", jobs, "--state", st, "-n", "5", *GREEDY, "-q")
+    out = run_cli("generate", "--batch", jobs, "--state", st, "-n", "5", *GREEDY, "-q")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.decode().splitlines()]
     for row, prompt in zip(rows, (" Q: the word?", " Q: again?"), strict=True):
-        one = rwkv("generate", "--state", st, prompt, "-n", "5", *GREEDY, "-q", "--json")
+        one = run_cli("generate", "--state", st, prompt, "-n", "5", *GREEDY, "-q", "--json")
         assert json.loads(one.stdout)["tokens"] == row["tokens"]
-    refused = rwkv("generate", "--batch", jobs, "--save-state", tmp_path / "x", "-m", model)
+    refused = run_cli("generate", "--batch", jobs, "--save-state", tmp_path / "x", "-m", model)
     assert refused.returncode == 2 and b"--batch runs many" in refused.stderr
 
 
@@ -146,8 +145,7 @@ def test_scripted_chat_survives_bad_lines(model, tmp_path):
     exist is refused before the model loads."""
     script = (b"/set think maybe\n/set top_k x\n/set max_tokens -5\n/set ban_tokens 5\n/set temperature 0\n"
               b"hi \xff\xfe there\n/show\n\"\"\"\nline one\nline two")
-    out = subprocess.run([sys.executable, "-m", "rwkv_cli", "chat", "-m", str(model), "-n", "3"],
-                         input=script, capture_output=True, env=ENV, timeout=120)
+    out = run_cli("chat", "-m", model, "-n", "3", stdin=script)
     err = out.stderr.decode()
     assert out.returncode == 0 and "Traceback" not in err, err
     for expected in ("think is one of on, off, default", "top_k takes an integer, not 'x'",
@@ -155,7 +153,7 @@ def test_scripted_chat_survives_bad_lines(model, tmp_path):
                      "exchanges: 0"):
         assert expected in err
     assert out.stdout.strip()  # the unterminated block got a reply
-    gone = rwkv("chat", "-m", model, "--state", tmp_path / "no-such-folder" / "c.rwkvstate", stdin="hi\n")
+    gone = run_cli("chat", "-m", model, "--state", tmp_path / "no-such-folder" / "c.rwkvstate", stdin=b"hi\n")
     assert gone.returncode == 1 and b"does not exist" in gone.stderr and b"loaded" not in gone.stderr
 
 
@@ -183,18 +181,18 @@ def test_generate_save_state_adds_to_what_it_started_from(model, tmp_path):
     """`generate --state F --save-state F` extends F (text, token count, creation time kept); a
     chat state or any file that is not a state is refused before anything is generated."""
     doc = tmp_path / "doc.rwkvstate"
-    assert rwkv("state", "save", "-m", model, "-p", "Doc start.", "-o", doc, "-q").returncode == 0
+    assert run_cli("state", "save", "-m", model, "-p", "Doc start.", "-o", doc, "-q").returncode == 0
     first = read_meta(doc)
-    out = rwkv("generate", "--state", doc, " more", "-n", "3", *GREEDY, "-q", "--save-state", doc)
+    out = run_cli("generate", "--state", doc, " more", "-n", "3", *GREEDY, "-q", "--save-state", doc)
     assert out.returncode == 0, out.stderr
     meta = read_meta(doc)
     assert meta["kind"] == "generate" and meta["text"] == "Doc start. more" + out.stdout.decode()
     assert meta["tokens"] - first["tokens"] - 3 >= 1 and meta["created"] == first["created"]  # + prompt + 3
     chat = tmp_path / "chat.rwkvstate"
-    assert rwkv("chat", "-m", model, *GREEDY, "-n", "2", "--state", chat, stdin="hi\n").returncode == 0
+    assert run_cli("chat", "-m", model, *GREEDY, "-n", "2", "--state", chat, stdin=b"hi\n").returncode == 0
     for target in (chat, Path(model)):
         before = target.read_bytes()
-        refused = rwkv("generate", "-m", model, "x", "-n", "2", "--save-state", target)
+        refused = run_cli("generate", "-m", model, "x", "-n", "2", "--save-state", target)
         assert refused.returncode == 1 and refused.stdout == b"" and target.read_bytes() == before
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .conftest import default_sigint
+from .conftest import default_sigint, run_cli
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 GREEDY = ["--temp", "0", "--presence-penalty", "0", "--frequency-penalty", "0"]
@@ -58,9 +58,9 @@ def test_json_and_prompt_sources(model, tmp_path):
 
 
 def test_stop_string_is_not_printed(model):
-    full = rwkv("generate", "-m", model, "Hi", "-n", "12", *GREEDY, "-q").stdout.decode()
+    full = run_cli("generate", "-m", model, "Hi", "-n", "12", *GREEDY, "-q").stdout.decode()
     stop = full[4:7]
-    cut = rwkv("generate", "-m", model, "Hi", "-n", "12", *GREEDY, "-q", "--stop", stop).stdout.decode()
+    cut = run_cli("generate", "-m", model, "Hi", "-n", "12", *GREEDY, "-q", "--stop", stop).stdout.decode()
     assert cut == full[: full.find(stop)]
 
 
@@ -101,7 +101,7 @@ def test_batch_jsonl_in_order_with_error_lines(model, tmp_path):
 def test_bad_input_is_one_clear_line(args, stdin, code, message, model, tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("nope")
-    out = rwkv(*[a.format(model=model, bad=bad) for a in args], stdin=stdin)
+    out = run_cli(*[a.format(model=model, bad=bad) for a in args], stdin=stdin)
     assert out.returncode == code, out.stderr
     assert message in out.stderr and b"Traceback" not in out.stderr
     # one line, usage errors too (click's own handler prints Usage:, Try:, a blank line, Error:)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,8 @@ from typer.testing import CliRunner
 from rwkv_cli.cli import app
 from rwkv_cli.errors import RWKVError
 from rwkv_cli.sampling import Sampler, SamplingParams
+
+from .conftest import run_cli
 
 FLOATS = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "penalty_decay"]
 V = 65536
@@ -118,14 +117,8 @@ def model(make_ckpt):
     return str(make_ckpt("7", 2, 64, V))
 
 
-def _run(*args, stdin=b""):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "rwkv_cli", *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, env=env, timeout=120)
-
-
 def test_non_finite_flag_is_one_usage_line(model):
-    r = _run("generate", "-m", model, "hi", "-n", "2", "--presence-penalty", "nan")
+    r = run_cli("generate", "-m", model, "hi", "-n", "2", "--presence-penalty", "nan")
     assert r.returncode == 2 and b"Traceback" not in r.stderr and r.stderr.count(b"\n") == 1
     assert b"presence_penalty must be a finite number, got nan" in r.stderr
 
@@ -146,7 +139,7 @@ def test_bad_sampling_flags_are_usage_errors(model, flag, value, message):
 
 
 def test_banned_id_past_the_vocabulary_is_one_line(model):
-    r = _run("generate", "-m", model, "hi", "-n", "2", "-q", "--ban-token", "9999999")
+    r = run_cli("generate", "-m", model, "hi", "-n", "2", "-q", "--ban-token", "9999999")
     assert r.returncode != 0 and b"Traceback" not in r.stderr and r.stderr.count(b"\n") == 1
     assert b"token id 9999999 is outside the vocabulary [0, 65536)" in r.stderr
 
