@@ -27,6 +27,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from .errors import notice
+
 try:  # NumPy is optional: without it, torch does everything.
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy ships with every torch wheel we support
@@ -35,6 +37,8 @@ except ImportError:  # pragma: no cover - numpy ships with every torch wheel we 
 BACKENDS = ("numpy", "numpy-blas", "torch")
 _env_backend = os.environ.get("RWKV_CPU_MATMUL", "numpy")
 _backend = "torch" if _np is None else _env_backend if _env_backend in BACKENDS else "numpy"
+if _env_backend not in BACKENDS:  # a typo must not pass for a choice
+    notice(f"RWKV_CPU_MATMUL={_env_backend!r} is not one of {', '.join(BACKENDS)}; using numpy")
 
 
 def set_cpu_matmul_backend(name: str) -> None:

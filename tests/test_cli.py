@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,11 @@ def test_bench_times_prompt_and_generation(make_ckpt):
     assert rows[0]["weights_bytes"] == sum(t.numel() * t.element_size() for t in net._all_weights())
     table = CliRunner().invoke(app, ["bench", "-m", ckpt, "-p", "8", "-n", "2", "-r", "1"])
     assert table.exit_code == 0 and "| pp8" in table.stdout and "| tg2" in table.stdout
+
+
+def test_unknown_cpu_matmul_backend_is_said():
+    """A mistyped RWKV_CPU_MATMUL must not pass for a choice: one notice, then the default."""
+    out = subprocess.run([sys.executable, "-c", "from rwkv_cli import ops; print(ops.cpu_matmul_backend())"],
+                         capture_output=True, text=True, env=dict(os.environ, RWKV_CPU_MATMUL="numpi"))
+    assert out.returncode == 0 and out.stdout.strip() in ("numpy", "numpy-blas")
+    assert out.stderr.strip() == "rwkv-cli: RWKV_CPU_MATMUL='numpi' is not one of numpy, numpy-blas, torch; using numpy"
