@@ -78,6 +78,9 @@ def test_state_save_then_generate_from_it(model, tmp_path):
     doc.write_text("The secret word is apricot. " * 20)
     st = tmp_path / "doc.rwkvstate"
     run("state", "save", "-m", model, "-f", doc, "-o", st, "-q")
+    piped = tmp_path / "piped.rwkvstate"  # no -p or -f: piped text, as generate reads it
+    assert run_cli("state", "save", "-m", model, "-o", piped, "-q", stdin=doc.read_bytes()).returncode == 0
+    assert read_meta(piped)["text"] == doc.read_text() and read_meta(piped)["tokens"] == read_meta(st)["tokens"]
     shown = run("state", "show", st)
     assert "prompt" in shown and "secret word" in shown
     assert run("generate", "-m", model, "--state", st, " Q:", "-n", "6", *GREEDY, "-q")

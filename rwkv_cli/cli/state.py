@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -40,15 +41,19 @@ def save(
     from ..errors import RWKVError
     from ..statefile import check_save_target, save_state
 
-    if (prompt is None) == (file is None):
-        raise typer.BadParameter("give exactly one of --prompt or --file")
+    if prompt is not None and file is not None:
+        raise typer.BadParameter("give one of --prompt or --file, not both")
+    if prompt is None and file is None:  # piped text, as `rwkv generate` reads it
+        if sys.stdin is None or sys.stdin.isatty():
+            raise typer.BadParameter("give --prompt, --file, or pipe the text on stdin")
+        file = Path("-")
     check_save_target(output, "prompt")  # before the model is loaded and the text read, not after
     if file is not None:
         text = c.read_stdin_text() if str(file) == "-" else _read_text(file)
         if text is None:
             raise typer.BadParameter("--file - reads stdin, but stdin is a terminal")
     else:
-        text = prompt
+        text = c.utf8_argument(prompt, "--prompt")
     if not text:
         raise typer.BadParameter("the text is empty")
     net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet)
