@@ -88,7 +88,7 @@ _FAMILY = {"prompt": "text", "generate": "text"}
 _KIND_WORDS = {"chat": "a saved chat", "prompt": "a read prompt", "generate": "a generation's state"}
 
 
-def _kind_words(kind: str) -> str:
+def kind_words(kind: str) -> str:
     return _KIND_WORDS.get(kind, f"a state of kind {kind!r}")
 
 
@@ -114,12 +114,13 @@ def check_save_target(path: str | Path, kind: str) -> None:
                              f"not replacing it: {another}")
     try:
         existing = read_meta(target).get("kind") or "chat"  # files from before `kind` were chats
-    except StateFileError:
-        raise StateFileError(f"{path}: exists and is not an rwkv-cli state file; "
-                             f"not replacing it: {another}") from None
+    except StateFileError as e:  # not a state file, or one this version cannot read: keep it
+        why = str(e).removeprefix(f"{target}: ")
+        raise StateFileError(f"{path}: exists and is not an rwkv-cli state file this version can replace "
+                             f"({why}); not replacing it: {another}") from None
     if _FAMILY.get(existing, existing) != _FAMILY.get(kind, kind):
-        raise StateFileError(f"{path}: holds {_kind_words(existing)}; not replacing it with "
-                             f"{_kind_words(kind)}: {another}")
+        raise StateFileError(f"{path}: holds {kind_words(existing)}; not replacing it with "
+                             f"{kind_words(kind)}: {another}")
 
 
 def _special_kind(mode: int) -> str:

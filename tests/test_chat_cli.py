@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from rwkv_cli import load_model
 from rwkv_cli.statefile import load_state, read_meta
@@ -111,6 +112,26 @@ def test_a_state_names_its_model_and_given_settings_win(model, tmp_path):
     assert f"{state} was saved with {model}, which cannot be loaded here" in gone.stderr.decode()
 
 
+def test_a_state_from_before_specs_resumes_as_it_did(model, tmp_path):
+    """State files saved before `model.spec` was recorded name their model by the path as typed,
+    maybe relative to another folder: resuming them without -m uses $RWKV_MODEL or the default,
+    as it did when they were written (the fingerprint check still guards)."""
+    from safetensors.torch import load_file, save_file
+
+    state = tmp_path / "old.rwkvstate"
+    assert run_cli("chat", "-m", model, *GREEDY, "-n", "2", "--state", state, stdin=b"hi\n").returncode == 0
+    with safe_open(str(state), "pt") as f:
+        header = f.metadata()
+    meta = json.loads(header["meta"])
+    del meta["model"]["spec"]
+    meta["model"]["source"] = Path(model).name  # relative, as typed in the model's folder
+    save_file(load_file(str(state)), str(state), metadata={**header, "meta": json.dumps(meta)})
+    env = dict(ENV, RWKV_MODEL=str(model))
+    out = run_cli("chat", "--state", state, *GREEDY, "-n", "2", stdin=b"again\n", cwd="/", env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"loaded {model}:".encode() in out.stderr and b"resumed" in out.stderr
+
+
 def test_chat_from_a_read_document_keeps_the_document(model, tmp_path):
     """A state from `rwkv state save` is a starting point: chatting from it saves the chat next to
     it and leaves the document's state as it was."""
@@ -147,14 +168,19 @@ def test_scripted_chat_survives_bad_lines(model, tmp_path):
     \"\"\" block that the input ends inside is still sent. A --state in a folder that does not
     exist is refused before the model loads."""
     script = (b"/set think maybe\n/set top_k x\n/set max_tokens -5\n/set ban_tokens 5\n/set temperature 0\n"
-              b"hi \xff\xfe there\n/show\n\"\"\"\nline one\nline two")
+              b"/set seed 3\n/set seed none\nhi \xff\xfe there\n/show\n\"\"\"\nline one\nline two")
     out = run_cli("chat", "-m", model, "-n", "3", stdin=script)
     err = out.stderr.decode()
     assert out.returncode == 0 and "Traceback" not in err, err
     for expected in ("think is one of on, off, default", "top_k takes an integer, not 'x'",
                      "max_tokens must be >= -1", "unknown setting ban_tokens", "not valid UTF-8; not sent",
-                     "exchanges: 0"):
+                     "exchanges: 0", "seed=None"):
         assert expected in err
+    # a UTF-8 locale's stdin is strict: the bad byte must still be refused, not end the chat
+    strict = subprocess.run([sys.executable, "-m", "rwkv_cli", "chat", "-m", str(model), "-n", "2"],
+                            input=b"hi \xff there\nhello\n", capture_output=True, timeout=120,
+                            env=dict(ENV, PYTHONIOENCODING="utf-8:strict"))
+    assert strict.returncode == 0 and b"not valid UTF-8; not sent" in strict.stderr and strict.stdout.strip()
     assert out.stdout.strip()  # the unterminated block got a reply
     gone = run_cli("chat", "-m", model, "--state", tmp_path / "no-such-folder" / "c.rwkvstate", stdin=b"hi\n")
     assert gone.returncode == 1 and b"does not exist" in gone.stderr and b"loaded" not in gone.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -76,7 +77,7 @@ def chat(
     """
     from ..sampling import CHAT_DEFAULTS
     from ..session import ChatSession
-    from ..statefile import load_state, load_tuned_state
+    from ..statefile import kind_words, load_state, load_tuned_state
 
     if state_file is not None and not state_file.exists():  # a new file: can it be written? (before the load)
         from ..statefile import check_save_target
@@ -96,11 +97,16 @@ def chat(
     if state_file is not None and state_file.exists():
         saved = load_state(state_file, net)
         ui.restore(saved)
-        _prefer_given_settings(session, flags, think, system, raw)
-        if saved.meta.get("kind", "chat") != "chat":  # a read document stays as it is, to start from again
+        document = saved.meta.get("kind", "chat") != "chat"
+        _prefer_given_settings(session, flags, think, None if document else system, raw and not document)
+        if document:  # a read document stays as it is, to start from again
+            session.raw, ui.created = raw, None
+            if system is not None:
+                c.err("--system is not applied when starting from a read document (put it before the text "
+                      "when reading it)")
             ui.state_file = _beside(state_file, "chat")
-            c.err(f"{state_file} holds a read {saved.meta.get('kind')} (not a chat): the chat starts from it "
-                  f"and is saved to {ui.state_file}")
+            c.err(f"{state_file} holds {kind_words(saved.meta.get('kind'))} (not a chat): the chat starts "
+                  f"from it and is saved to {ui.state_file}")
         elif not quiet:
             c.err(f"resumed {state_file}: {len(session.exchanges)} exchanges, {session.tokens_consumed} tokens")
         if show_transcript:
@@ -176,10 +182,12 @@ class ChatUI:
         """One line; EOFError at the end of input or Ctrl-D."""
         if self.prompt_session is not None:
             return self.prompt_session.prompt("... " if continuation else ">>> ")
-        line = sys.stdin.readline()
-        if not line:
+        # bytes, decoded here: a strict stdin (a UTF-8 locale) would raise on a bad byte before the
+        # line could be refused; lone surrogates mark them as in the C locale's stdin
+        raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline().encode()
+        if not raw:
             raise EOFError
-        return line.rstrip("\n")
+        return raw.decode("utf-8", errors="surrogateescape").rstrip("\n").rstrip("\r")
 
     def read_message(self) -> str:
         """A message: one line, or several between lines holding only \"\"\"."""
@@ -315,8 +323,10 @@ class ChatUI:
                 raise ValueError(f"think is one of {', '.join(THINK_VALUES)}")
             self.s.think = THINK_VALUES[value]
         elif key in SETTABLE:
-            parsed = None if key == "seed" and value == "none" else _parse_number(key, value, SETTABLE[key])
-            self.s.params = self.s.params.with_overrides(**{key: parsed})
+            if key == "seed" and value == "none":  # with_overrides skips None: it means "not given" there
+                self.s.params = replace(self.s.params, seed=None)
+            else:
+                self.s.params = self.s.params.with_overrides(**{key: _parse_number(key, value, SETTABLE[key])})
         else:
             raise ValueError(f"unknown setting {key} (one of max_tokens, think, {', '.join(SETTABLE)})")
         c.err(f"({key} = {value})")

@@ -82,6 +82,7 @@ def load_model_for_cli(model: str | None, revision: str | None, offline: bool, d
     recorded = model is None and state_file is not None and Path(state_file).is_file()
     if recorded:
         model, saved_source = _model_of_state(state_file)
+        recorded = model is not None
     try:
         resolved = resolve_model_option(model, offline=offline, revision=revision)
     except RWKVError as e:
@@ -100,14 +101,14 @@ def load_model_for_cli(model: str | None, revision: str | None, offline: bool, d
     return loaded, tok
 
 
-def _model_of_state(path) -> tuple[str, str]:
+def _model_of_state(path) -> tuple[str | None, str]:
     """(spec to load, source for messages) of the model a state file was saved with. Files from
-    before `spec` was recorded name the model by its source, which resolves if it was a path."""
+    before `spec` was recorded give None: their source may be a path relative to another folder,
+    so $RWKV_MODEL or the default apply, as then (the fingerprint check still guards)."""
     from ..statefile import read_meta
 
     identity = read_meta(path)["model"]
-    source = str(identity.get("source") or "an unnamed model")
-    return str(identity.get("spec") or source), source
+    return identity.get("spec"), str(identity.get("source") or "an unnamed model")
 
 
 def utf8_argument(text: str | None, what: str) -> str | None:

@@ -65,6 +65,7 @@ def generate(
             raise typer.BadParameter("--save-state saves one sequence's state; --batch runs many")
         lines = _read_batch_file(batch)
         net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet, state_file=state)
+        _check_banned_ids(params, net.cfg.vocab_size)
         initial = None
         if state is not None:  # every prompt starts from it: many questions about one document
             from ..statefile import load_state
@@ -79,10 +80,7 @@ def generate(
 
         check_save_target(save_state, "generate")
     net, tok = c.load_model_for_cli(model, revision, offline, device, dtype, quiet, state_file=state)
-    try:
-        params.check_vocab(net.cfg.vocab_size)  # --ban-token ids, now that the vocabulary is known
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    _check_banned_ids(params, net.cfg.vocab_size)
     from ..generate import Generation
 
     start_state = start_logits = None
@@ -129,6 +127,14 @@ def generate(
             c.err(f"state saved to {save_state}")
     if not quiet:
         c.err(f"[{gen.finish_reason}] {gen.timings.summary()}")
+
+
+def _check_banned_ids(params, vocab_size: int) -> None:
+    """--ban-token ids against the vocabulary, known once the model is loaded: a usage error."""
+    try:
+        params.check_vocab(vocab_size)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _prompt_text(prompt: str | None, file: Path | None, allow_empty: bool = False) -> str:
