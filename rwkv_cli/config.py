@@ -156,6 +156,10 @@ def infer_config(shapes: Shapes) -> ModelConfig:
     shapes = canonical_shapes(shapes)
     version = detect_version(shapes)
     vocab, n_embd = _need(shapes, "emb.weight", 2)
+    width = shapes.get("blocks.0.ln1.weight", ())
+    if len(width) == 1 and width[0] != n_embd:  # else every tensor of the layers reads as mis-shaped
+        raise CheckpointError(f"emb.weight is {vocab} x {n_embd}, but the layers are {width[0]} wide "
+                              "(blocks.0.ln1.weight)")
     n_layer = _layers(shapes)
     dim_att = _need(shapes, "blocks.0.att.key.weight", 2)[0]
     ffn_dim = _need(shapes, "blocks.0.ffn.key.weight", 2)[0]

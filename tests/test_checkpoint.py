@@ -162,6 +162,16 @@ def test_checkpoint_holding_something_else(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_embedding_of_another_width_is_named(version, tmp_path):
+    """A wrong emb.weight width is the one fault named, not every layer tensor as mis-shaped."""
+    sd = random_state_dict(version, 2, 64, vocab_size=256)
+    sd["emb.weight"] = sd["emb.weight"][:, :32].clone()
+    with pytest.raises(CheckpointError, match=r"emb.weight is 256 x 32, but the layers are 64 wide") as e:
+        load_checkpoint(write_checkpoint(tmp_path / "m.pth", sd))
+    assert "mis-shaped" not in str(e.value)
+
+
 def test_state_files_given_as_models_are_named(tmp_path):
     """Our own state files and BlinkDL state-tuned files are not models; the error says which
     file it is and where it goes, instead of a missing emb.weight."""
