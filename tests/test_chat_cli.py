@@ -186,6 +186,34 @@ def test_scripted_chat_survives_bad_lines(model, tmp_path):
     assert gone.returncode == 1 and b"does not exist" in gone.stderr and b"loaded" not in gone.stderr
 
 
+def test_blocks_are_messages_and_ctrl_c_in_a_command_keeps_the_chat(model, monkeypatch):
+    """A \"\"\" block is a message even when it starts with "/"; Ctrl-C during a command (a slow
+    /save or /load) cancels it, not the chat; Ctrl-C while the model reads a message says the
+    message was not sent."""
+    from rwkv_cli import engine
+    from rwkv_cli.cli import chat
+
+    def interrupted(ui, arg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(chat.COMMANDS, "/transcript", interrupted)
+    real, calls = engine.Model.forward, []
+
+    def first_interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Model, "forward", first_interrupted)
+    script = b'dropped\n/transcript\n"""\n/etc/hosts is a file\nwhat is it?\n"""\n/show\n'
+    out = run_cli("chat", "-m", model, *GREEDY, "-n", "3", stdin=script)
+    err = out.stderr.decode()
+    assert out.returncode == 0, err
+    assert "it was not sent" in err and "(cancelled)" in err and "unknown command" not in err
+    assert "exchanges: 1" in err and out.stdout.strip()  # only the block got a reply
+
+
 def test_a_failed_autosave_keeps_the_chat_going(model, tmp_path, monkeypatch, capsys):
     """A save that fails after a turn (a full disk, a folder removed meanwhile) is one error line;
     the conversation stays in memory for /save PATH."""

@@ -189,11 +189,12 @@ class ChatUI:
             raise EOFError
         return raw.decode("utf-8", errors="surrogateescape").rstrip("\n").rstrip("\r")
 
-    def read_message(self) -> str:
-        """A message: one line, or several between lines holding only \"\"\"."""
+    def read_message(self) -> tuple[str, bool]:
+        """(text, whether it came as a block): one line, or several between lines holding only
+        \"\"\". A block is always a message, even if it starts with "/"."""
         line = self._read_line()
         if line.strip() != '"""':
-            return line
+            return line, False
         lines = []
         while True:
             try:
@@ -201,9 +202,9 @@ class ChatUI:
             except EOFError:  # input ended inside the block (a script without the closing """): send it
                 if not lines:
                     raise
-                return "\n".join(lines)
+                return "\n".join(lines), True
             if line.strip() == '"""':
-                return "\n".join(lines)
+                return "\n".join(lines), True
             lines.append(line)
 
     # -- loop -----------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ class ChatUI:
             c.err("Type /help for commands, /bye or Ctrl-D to leave.")
         while True:
             try:
-                text = self.read_message()
+                text, block = self.read_message()
             except KeyboardInterrupt:
                 c.err("(Ctrl-C stops a reply; use /bye or Ctrl-D to leave)")
                 continue
@@ -225,17 +226,23 @@ class ChatUI:
             except RWKVError as e:  # undecodable bytes on a pipe reach Python as lone surrogates
                 c.err(f"error: {e}; not sent")
                 continue
-            if text.lstrip().startswith("/"):
-                if self.command(text.strip()) == "exit":
-                    break
+            if text.lstrip().startswith("/") and not block:
+                try:
+                    if self.command(text.strip()) == "exit":
+                        break
+                except KeyboardInterrupt:  # a slow /save, /load or /system: the chat stays
+                    c.err("(cancelled)")
                 continue
-            self.stream(self.s.send(text))
+            exchanges = len(self.s.exchanges)
+            if self.stream(self.s.send(text)) and len(self.s.exchanges) == exchanges:
+                c.err("(stopped while reading the message: it was not sent)")
         self.autosave()
 
-    def stream(self, pieces) -> None:
+    def stream(self, pieces) -> bool:
         """Print a reply as it arrives; Ctrl-C stops it but keeps what was said (and the state).
         Running out of memory mid-reply (a GPU shared with other work) is one error line, and the
-        conversation goes on from the last state that was computed."""
+        conversation goes on from the last state that was computed. Returns whether it stopped
+        early (Ctrl-C or out of memory)."""
         from ..memory import out_of_memory_message
 
         out, first = sys.stdout, True
@@ -250,7 +257,7 @@ class ChatUI:
             out.flush()
             c.err("[interrupted]")
             self.autosave()
-            return
+            return True
         except (MemoryError, RuntimeError) as e:
             message = out_of_memory_message(e)
             if message is None:
@@ -259,10 +266,11 @@ class ChatUI:
             out.flush()
             c.err(f"error: {message}")
             self.autosave()
-            return
+            return True
         out.write("\n")
         out.flush()
         self.autosave()
+        return False
 
     # -- commands -------------------------------------------------------------------------------
     def command(self, line: str) -> str | None:
