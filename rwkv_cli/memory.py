@@ -19,13 +19,12 @@ from .errors import RWKVError, notice
 SKIP_ENV = "RWKV_CLI_SKIP_MEMORY_CHECK"
 GIB = 1 << 30
 MIB = 1 << 20
-ITEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def weights_bytes(tensors: dict, dtype) -> int:
     """Bytes of a model's weights in `dtype`: every checkpoint tensor at that element size (the
     few vectors kept in fp32 whatever the dtype, decays and norms, are too small to count)."""
-    return sum(t.numel() for t in tensors.values()) * ITEM_BYTES[str(dtype).replace("torch.", "")]
+    return sum(t.numel() for t in tensors.values()) * dtype.itemsize
 
 
 def required_bytes(weights: int, device_type: str) -> int:
@@ -163,7 +162,9 @@ def gib(n: int) -> str:
 
 
 def _dtype_name(dtype) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(dtype).replace("torch.", "")]
+    from .engine import DTYPES  # the engine imports this module: its names, at call time
+
+    return next(name for name, dt in DTYPES.items() if dt == dtype)
 
 
 def out_of_memory_message(e: BaseException) -> str | None:
